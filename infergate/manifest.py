@@ -1,0 +1,203 @@
+"""Model package manifests: everything the worker knows about a model comes from here.
+
+A model package is a folder ``models/<model_id>/`` holding ``model.onnx``, ``manifest.json`` (this
+schema), the script that produced the ONNX file and a model card. Tensor layout conventions:
+
+* 3D input ``(N, 1, D, H, W)`` (slices, rows, columns), 2D input ``(N, 1, H, W)``, float32;
+* segmentation output ``(N, C, ...)`` scores per class, ``argmax`` over ``C`` gives the label map,
+  label 0 is background and each other label is described in ``labels``;
+* classification output ``(N, C)`` logits; ``softmax`` gives probabilities per ``classes`` entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from infergate.errors import InvalidInput, NotFound
+
+_MODEL_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Strict):
+    """A coded concept (PS3.3 8.8), e.g. ``{"value": "272673000", "scheme": "SCT", "meaning": "Bone"}``."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class Window(_Strict):
+    """Intensity window in output units of the Modality LUT (HU for CT)."""
+
+    center: float
+    width: float = Field(gt=0)
+
+
+class Accepts(_Strict):
+    """Which series a model can run on; the routing rules pick among those."""
+
+    modalities: list[str] = Field(min_length=1)
+    dimensionality: Literal[2, 3] = 3
+    min_slices: int = Field(1, ge=1)
+
+
+class Preprocess(_Strict):
+    """Steps from the stored pixel data to the input tensor, in this order.
+
+    1. rescale (always: Rescale Slope/Intercept);
+    2. resample to ``target_spacing`` (mm, ``[slice, row, column]``) or to ``target_shape`` (voxels);
+    3. intensity: ``window`` clips and maps to [0, 1]; ``zscore`` normalises to mean 0, sd 1;
+    4. inference over the whole volume, or in ``patch_size`` windows with ``overlap`` (sliding window).
+    """
+
+    target_spacing: list[float] | None = None
+    target_shape: list[int] | None = None
+    intensity: Literal["window", "zscore", "none"] = "window"
+    window: Window | None = None
+    patch_size: list[int] | None = None
+    overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocess:
+        if self.target_spacing is not None and self.target_shape is not None:
+            raise ValueError('Give at most one of "target_spacing" and "target_shape".')
+        if self.intensity == "window" and self.window is None:
+            raise ValueError('"intensity": "window" needs a "window".')
+        for name in ("target_spacing", "target_shape", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and (len(value) not in (2, 3) or any(v <= 0 for v in value)):
+                raise ValueError(f'"{name}" should hold 2 or 3 positive numbers.')
+        return self
+
+
+class SegmentLabel(_Strict):
+    """One label of a segmentation output, written as one SEG segment."""
+
+    value: int = Field(ge=1, description="Index along the class axis of the output.")
+    name: str = Field(min_length=1, max_length=64)
+    category: Code
+    type: Code
+    anatomic_region: Code | None = None
+    color: tuple[int, int, int] = (255, 0, 0)
+
+
+class ClassLabel(_Strict):
+    """One class of a classification output."""
+
+    index: int = Field(ge=0)
+    name: str = Field(min_length=1, max_length=64)
+    code: Code
+
+
+class ModelManifest(_Strict):
+    """The manifest of one model package (``manifest.json``)."""
+
+    id: str = Field(pattern=_MODEL_ID)
+    version: str = Field(min_length=1, max_length=16)
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    task: Literal["segmentation", "classification"]
+    file: str = "model.onnx"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_name: str = "input"
+    output_name: str = "output"
+    accepts: Accepts
+    preprocess: Preprocess
+    labels: list[SegmentLabel] = Field(default_factory=list)
+    classes: list[ClassLabel] = Field(default_factory=list)
+    finding: Code | None = Field(None, description="Concept of a classification finding in the SR.")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="Decision threshold on the positive class.")
+    positive_class: int | None = None
+    measurements: list[Literal["volume"]] = Field(default_factory=lambda: ["volume"])
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError('"file" should be a plain file name inside the package folder.')
+        return value
+
+    @model_validator(mode="after")
+    def _outputs(self) -> ModelManifest:
+        if self.task == "segmentation":
+            if not self.labels:
+                raise ValueError('A segmentation model needs "labels".')
+            values = [label.value for label in self.labels]
+            if len(set(values)) != len(values):
+                raise ValueError('"labels" values should be unique.')
+        else:
+            if not self.classes or self.finding is None:
+                raise ValueError('A classification model needs "classes" and "finding".')
+            if sorted(c.index for c in self.classes) != list(range(len(self.classes))):
+                raise ValueError('"classes" indices should be 0..n-1.')
+        return self
+
+
+class ModelPackage(BaseModel):
+    """A manifest together with the folder it was read from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    manifest: ModelManifest
+    folder: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / self.manifest.file
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_package(folder: Path, *, verify_hash: bool = True) -> ModelPackage:
+    """Read and validate ``folder/manifest.json``.
+
+    Raises
+    ------
+    NotFound
+        The folder has no manifest or no ONNX file.
+    InvalidInput
+        The manifest does not follow the schema, or the ONNX file's SHA-256 differs.
+    """
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise NotFound(f"No manifest.json in {folder}.")
+    try:
+        manifest = ModelManifest.model_validate(json.loads(manifest_path.read_text()))
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{manifest_path}: {exc}") from exc
+    if manifest.id != folder.name:
+        raise InvalidInput(f'{manifest_path}: "id" {manifest.id!r} should equal the folder name {folder.name!r}.')
+    package = ModelPackage(manifest=manifest, folder=folder)
+    if not package.onnx_path.is_file():
+        raise NotFound(f"{package.onnx_path} is missing.")
+    if verify_hash and file_sha256(package.onnx_path) != manifest.sha256:
+        raise InvalidInput(f"{package.onnx_path}: SHA-256 differs from the manifest.")
+    return package
+
+
+def load_all(models_dir: Path, *, verify_hash: bool = True) -> dict[str, ModelPackage]:
+    """Every model package under ``models_dir``, keyed by id (folders without a manifest are skipped)."""
+    packages: dict[str, ModelPackage] = {}
+    if not models_dir.is_dir():
+        return packages
+    for folder in sorted(p for p in models_dir.iterdir() if (p / "manifest.json").is_file()):
+        package = load_package(folder, verify_hash=verify_hash)
+        packages[package.manifest.id] = package
+    return packages

@@ -1,0 +1,217 @@
+"""SQLAlchemy 2.0 tables of the results store (PostgreSQL in production, SQLite embedded).
+
+The database is the source of truth for what was received, which series are complete, which jobs
+exist and where results went; Celery messages only carry job ids. Schema changes go through the
+Alembic migrations in ``infergate/store/migrations``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class SeriesState(str, enum.Enum):
+    """``receiving`` until quiet for ``series_quiet_seconds``; then ``routed`` or ``unmatched``."""
+
+    receiving = "receiving"
+    routed = "routed"
+    unmatched = "unmatched"
+
+
+class JobState(str, enum.Enum):
+    """``queued -> running -> exporting -> done | failed``."""
+
+    queued = "queued"
+    running = "running"
+    exporting = "exporting"
+    done = "done"
+    failed = "failed"
+
+
+class ExportState(str, enum.Enum):
+    pending = "pending"
+    done = "done"
+    failed = "failed"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, name=cls.__name__.lower(), native_enum=False, length=16, validate_strings=True)
+
+
+_TS = DateTime(timezone=True)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.receiving, index=True)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(_TS)
+    routing_note: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512), doc="Relative to the data folder.")
+    size: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("series_id", "model_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    model_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.queued, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    queued_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(_TS)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS)
+    lease_until: Mapped[datetime | None] = mapped_column(_TS)
+    updated_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    findings: Mapped[list[Finding]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    measurements: Mapped[list[Measurement]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    result_objects: Mapped[list[ResultObject]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class Finding(Base):
+    """A classification result: the class named by a code and its probability."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    code_value: Mapped[str] = mapped_column(String(64))
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool | None] = mapped_column()
+
+    job: Mapped[Job] = relationship(back_populates="findings")
+
+
+class Measurement(Base):
+    """A measurement of one segment, e.g. its volume in mL."""
+
+    __tablename__ = "measurements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    segment_number: Mapped[int | None] = mapped_column(Integer)
+    segment_label: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(16))
+
+    job: Mapped[Job] = relationship(back_populates="measurements")
+
+
+class ResultObject(Base):
+    """A DICOM object the node produced (SEG or SR), kept in the node's storage."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512), doc="Relative to the data folder.")
+    created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="result_objects")
+    exports: Mapped[list[Export]] = relationship(back_populates="result_object", cascade="all, delete-orphan")
+
+
+class Export(Base):
+    """One (result object, destination) delivery with its retry state."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("result_object_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[ExportState] = mapped_column(_enum(ExportState), default=ExportState.pending, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(_TS)
+    delivered_at: Mapped[datetime | None] = mapped_column(_TS)
+    updated_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, onupdate=utcnow)
+
+    result_object: Mapped[ResultObject] = relationship(back_populates="exports")
