@@ -1,0 +1,303 @@
+"""DICOM Structured Report output: a TID 1500 Measurement Report, built only through highdicom.
+
+One Comprehensive 3D SR (PS3.3 A.35.13) per model run holds what the model found:
+
+* for a segmentation model, one TID 1411 volumetric group per segment, pointing at the segment
+  in the SEG written alongside and holding its volume in millilitres;
+* for a classification model, one TID 1501 group per class reported, holding the class as a
+  qualitative evaluation of the manifest's ``finding`` concept, its probability and, when a
+  decision threshold was applied, whether the finding is present.
+
+The observer is the model, as a device (TID 1004), so that a reader can tell AI results from a
+radiologist's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from infergate.dicom.seg import MANUFACTURER, coded_concept, require_positive_int, segment_tracking_uid
+from infergate.dicom.uids import derived_uid, require_uid
+from infergate.manifest import ClassLabel, ModelManifest, SegmentLabel
+
+__all__ = ["ClassificationFinding", "SegmentMeasurement", "build_sr", "device_observer_uid"]
+
+_MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+_LO_MAX = 64  # maximum length of a LO value such as Series Description (PS3.5 6.2)
+
+# Procedure Reported (TID 1500 row 2, CID 100 is extensible) by the sources' Modality.
+_PROCEDURES: dict[str, hd.sr.CodedConcept] = {
+    "CT": hd.sr.CodedConcept("77477000", "SCT", "Computed tomography"),
+    "MR": hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging"),
+    "CR": hd.sr.CodedConcept("363680008", "SCT", "Radiographic imaging procedure"),
+    "DX": hd.sr.CodedConcept("363680008", "SCT", "Radiographic imaging procedure"),
+}
+_IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+@dataclass(frozen=True)
+class SegmentMeasurement:
+    """The volume of one segment of the SEG.
+
+    Attributes
+    ----------
+    segment_number: int
+        Segment Number in the SEG (1-based, manifest order when the SEG came from
+        :func:`infergate.dicom.seg.build_seg`).
+    label: infergate.manifest.SegmentLabel
+        The manifest label the segment describes; gives the finding type and site.
+    volume_ml: float
+        Volume in millilitres (voxel count times voxel volume).
+    """
+
+    segment_number: int
+    label: SegmentLabel
+    volume_ml: float
+
+
+@dataclass(frozen=True)
+class ClassificationFinding:
+    """The probability of one class of a classification model.
+
+    Attributes
+    ----------
+    class_label: infergate.manifest.ClassLabel
+        One of the manifest's ``classes``.
+    probability: float
+        Softmax probability in [0, 1].
+    positive: bool | None
+        Whether the probability reached the manifest's ``threshold``; ``None`` when no
+        decision was made, and then no presence is recorded.
+    """
+
+    class_label: ClassLabel
+    probability: float
+    positive: bool | None = None
+
+
+def device_observer_uid(manifest: ModelManifest) -> str:
+    """Device Observer UID of a model version (TID 1004), the same in every report it makes."""
+    return derived_uid("device-observer", manifest.id, manifest.version)
+
+
+def _observation_context(manifest: ModelManifest) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_observer_uid(manifest),
+        name=manifest.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=manifest.id,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _algorithm_id(manifest: ModelManifest) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=manifest.name, version=manifest.version, family=codes.cid7162.ArtificialIntelligence
+    )
+
+
+def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
+        raise TypeError('Argument "source_datasets" should be a sequence of pydicom Datasets.')
+    sources = list(source_datasets)
+    if not sources:
+        raise ValueError('Argument "source_datasets" should not be empty.')
+    for ds in sources:
+        if not isinstance(ds, Dataset):
+            raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
+    return sources
+
+
+def _volume_group(
+    measurement: SegmentMeasurement,
+    manifest: ModelManifest,
+    seg: hd.seg.Segmentation,
+    source_series_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group for one segment.
+
+    The segment is referenced through ``ReferencedSegment``'s constructor rather than
+    ``ReferencedSegment.from_segmentation``, which in highdicom 0.28.2 fails on a single-segment
+    SEG written by highdicom itself. The source series form of the reference is used because
+    the SEG already lists the individual source images.
+    """
+    if not isinstance(measurement, SegmentMeasurement):
+        raise TypeError(f'Items of argument "measurements" should be SegmentMeasurement, not {type(measurement).__name__}.')
+    number = measurement.segment_number
+    segments = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+    if number not in segments:
+        raise ValueError(f'Argument "measurements" refers to segment {number}, which "seg" does not have.')
+    if measurement.label not in manifest.labels:
+        raise ValueError(f'Argument "measurements" has label {measurement.label.name!r}, which is not in the manifest.')
+    if not (math.isfinite(measurement.volume_ml) and measurement.volume_ml >= 0):
+        raise ValueError(f'Argument "measurements" has volume {measurement.volume_ml} for segment {number}.')
+    label = measurement.label
+    tracking_uid = segments[number].get("TrackingUID") or segment_tracking_uid(seg.SOPInstanceUID, number)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label.name),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+        ),
+        finding_type=coded_concept(label.type),
+        finding_category=coded_concept(label.category),
+        finding_sites=(
+            None
+            if label.anatomic_region is None
+            else [hd.sr.FindingSite(anatomic_location=coded_concept(label.anatomic_region))]
+        ),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=float(measurement.volume_ml),
+                unit=_MILLILITER,
+                algorithm_id=algorithm,
+            )
+        ],
+    )
+
+
+def _class_group(
+    finding: ClassificationFinding,
+    manifest: ModelManifest,
+    sources: list[Dataset],
+    sop_instance_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for one class: the class, its probability and, if decided, its presence."""
+    if not isinstance(finding, ClassificationFinding):
+        raise TypeError(f'Items of argument "findings" should be ClassificationFinding, not {type(finding).__name__}.')
+    if manifest.finding is None:
+        raise ValueError('Argument "manifest" should have a "finding" concept to report "findings".')
+    label = finding.class_label
+    if label not in manifest.classes:
+        raise ValueError(f'Argument "findings" has class {label.name!r}, which is not in the manifest.')
+    if not (math.isfinite(finding.probability) and 0.0 <= finding.probability <= 1.0):
+        raise ValueError(f'Argument "findings" has probability {finding.probability} for class {label.name!r}.')
+    concept = coded_concept(manifest.finding)
+    evaluations = [hd.sr.QualitativeEvaluation(name=concept, value=coded_concept(label.code))]
+    if finding.positive is not None:
+        presence = codes.DCM.Present if finding.positive else codes.DCM.Absent
+        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.DCM.PresenceOfProperty, value=presence))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(sop_instance_uid, "class", str(label.index)), identifier=label.name
+        ),
+        finding_type=concept,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=float(finding.probability),
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=algorithm,
+            )
+        ],
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+    )
+
+
+def build_sr(
+    source_datasets: Sequence[Dataset],
+    manifest: ModelManifest,
+    *,
+    seg: hd.seg.Segmentation | None,
+    measurements: Sequence[SegmentMeasurement],
+    findings: Sequence[ClassificationFinding],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int = 1,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the Measurement Report (TID 1500) of one model run as a Comprehensive 3D SR.
+
+    Parameters
+    ----------
+    source_datasets: Sequence[pydicom.Dataset]
+        The images the model ran on; they become the Image Library and, with ``seg``, the
+        Current Requested Procedure Evidence. Patient and study are copied from them.
+    manifest: infergate.manifest.ModelManifest
+        Names the observer device, the algorithm and the concepts reported.
+    seg: highdicom.seg.Segmentation | None
+        The SEG the ``measurements`` refer to; required when there are measurements.
+    measurements: Sequence[SegmentMeasurement]
+        Segment volumes, one TID 1411 group each, in the order given.
+    findings: Sequence[ClassificationFinding]
+        Class probabilities, one TID 1501 group each, referencing all source images.
+    series_instance_uid, sop_instance_uid: str
+        UIDs of the new series and instance, derived from the job by the caller.
+    series_number, instance_number: int
+        Positive Series Number and Instance Number.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        A complete, unverified report (Completion Flag COMPLETE, Verification Flag UNVERIFIED),
+        since nobody has reviewed the model's output yet.
+
+    Raises
+    ------
+    TypeError
+        An argument or an item has the wrong type.
+    ValueError
+        ``measurements`` without ``seg``, a segment number that ``seg`` lacks, a label or class
+        not in the manifest, a negative or non-finite volume, a probability outside [0, 1],
+        ``findings`` for a manifest without ``finding``, or a malformed UID or number.
+    """
+    if not isinstance(manifest, ModelManifest):
+        raise TypeError(f'Argument "manifest" should be a ModelManifest, not {type(manifest).__name__}.')
+    if seg is not None and not isinstance(seg, hd.seg.Segmentation):
+        raise TypeError(f'Argument "seg" should be a highdicom Segmentation or None, not {type(seg).__name__}.')
+    require_uid(series_instance_uid, "series_instance_uid")
+    require_uid(sop_instance_uid, "sop_instance_uid")
+    require_positive_int(series_number, "series_number")
+    require_positive_int(instance_number, "instance_number")
+    sources = _check_sources(source_datasets)
+    if measurements and seg is None:
+        raise ValueError('Argument "seg" is required when "measurements" is not empty.')
+
+    algorithm = _algorithm_id(manifest)
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    if seg is not None:
+        referenced_series = seg.get("ReferencedSeriesSequence")
+        source_series_uid = (
+            referenced_series[0].SeriesInstanceUID if referenced_series else sources[0].SeriesInstanceUID
+        )
+        groups.extend(_volume_group(m, manifest, seg, source_series_uid, algorithm) for m in measurements)
+    groups.extend(_class_group(f, manifest, sources, sop_instance_uid, algorithm) for f in findings)
+
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(manifest),
+        procedure_reported=_PROCEDURES.get(str(sources[0].get("Modality", "")), _IMAGING_PROCEDURE),
+        imaging_measurements=groups,
+        referenced_images=sources,
+    )
+    evidence = [*sources, seg] if seg is not None else sources
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"{manifest.name[: _LO_MAX - 3]} SR",
+    )

@@ -1,0 +1,84 @@
+"""The contract between the service and the workers: task names, payloads and the Celery app.
+
+The service enqueues by task name with :class:`JobQueue` and never imports the worker code; the
+payload carries only a job id (the database holds everything else). Long GPU jobs use late acks,
+prefetch 1 and ``task_reject_on_worker_lost`` so that a message is not lost with a dying worker;
+the SQL reconciler (:mod:`infergate.reconcile`) re-sends jobs whose message was lost anyway.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from pydantic import BaseModel, Field
+
+from infergate.config import Settings
+
+RUN_MODEL = "infergate.run_model"
+EXPORT_RESULTS = "infergate.export_results"
+
+GPU_QUEUE = "gpu"
+DISPATCH_QUEUE = "dispatch"
+
+
+class RunModel(BaseModel):
+    """Payload of :data:`RUN_MODEL`."""
+
+    job_id: int = Field(ge=1)
+
+
+class ExportResults(BaseModel):
+    """Payload of :data:`EXPORT_RESULTS`."""
+
+    job_id: int = Field(ge=1)
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``; the worker adds its tasks to it."""
+    app = Celery("infergate", broker=settings.celery_broker_url, set_as_current=False)
+    conf: dict[str, object] = {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_default_queue": DISPATCH_QUEUE,
+        "task_routes": {RUN_MODEL: {"queue": GPU_QUEUE}, EXPORT_RESULTS: {"queue": DISPATCH_QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": {},
+    }
+    if settings.celery_broker_url.startswith("filesystem"):
+        queue_dir = settings.broker_dir / "queue"
+        processed_dir = settings.broker_dir / "processed"
+        for folder in (queue_dir, processed_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "data_folder_processed": str(processed_dir),
+            "store_processed": False,
+            "polling_interval": 0.05,
+        }
+    elif settings.celery_broker_url.startswith("redis"):
+        # Messages of a worker that died unacked come back after this long; the reconciler's lease
+        # usually re-sends sooner.
+        conf["broker_transport_options"] = {"visibility_timeout": int(settings.job_lease_seconds) + 60}
+    app.conf.update(conf)
+    return app
+
+
+class JobQueue:
+    """Sends work to the workers by task name (so the service never imports worker code)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send_run(self, job_id: int, countdown: float | None = None) -> None:
+        self.app.send_task(RUN_MODEL, kwargs=RunModel(job_id=job_id).model_dump(), countdown=countdown)
+
+    def send_export(self, job_id: int, countdown: float | None = None) -> None:
+        self.app.send_task(
+            EXPORT_RESULTS, kwargs=ExportResults(job_id=job_id).model_dump(), countdown=countdown
+        )

@@ -1,0 +1,219 @@
+"""Query functions over the results store.
+
+They take a :class:`~sqlalchemy.orm.Session` and never commit: the caller owns the transaction.
+Inserts that may race between processes use the dialect's ``ON CONFLICT DO NOTHING`` so that two
+associations storing into the same new series never fail each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, selectinload
+
+from infergate.store.tables import (
+    Base,
+    Export,
+    ExportState,
+    Job,
+    JobState,
+    ResultObject,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
+
+
+def insert_ignore(session: Session, table: type[Base], values: dict[str, Any], conflict_columns: list[str]) -> bool:
+    """Insert a row unless one with the same ``conflict_columns`` exists; True if inserted."""
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(table).values(**values).on_conflict_do_nothing(index_elements=conflict_columns)
+    result = session.execute(stmt)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def get_or_create_study(session: Session, study_instance_uid: str) -> int:
+    insert_ignore(
+        session, Study, {"study_instance_uid": study_instance_uid, "created_at": utcnow()}, ["study_instance_uid"]
+    )
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
+    assert study_id is not None
+    return study_id
+
+
+def get_or_create_series(session: Session, study_id: int, series_instance_uid: str, **attributes: Any) -> int:
+    """The series' id; a new series takes its attributes from the first instance received."""
+    now = utcnow()
+    insert_ignore(
+        session,
+        Series,
+        {
+            "study_id": study_id,
+            "series_instance_uid": series_instance_uid,
+            "state": SeriesState.receiving.value,
+            "num_instances": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+            **attributes,
+        },
+        ["series_instance_uid"],
+    )
+    series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == series_instance_uid))
+    assert series_id is not None
+    return series_id
+
+
+def quiet_series_ids(session: Session, cutoff: datetime) -> list[int]:
+    """Series still receiving whose last instance arrived before ``cutoff``."""
+    stmt = select(Series.id).where(Series.state == SeriesState.receiving, Series.last_received_at < cutoff)
+    return list(session.scalars(stmt.order_by(Series.last_received_at)))
+
+
+def claim_series(session: Session, series_id: int, cutoff: datetime, state: SeriesState, note: str) -> bool:
+    """Move a quiet series out of ``receiving`` exactly once, even with several watchers."""
+    result = session.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state == SeriesState.receiving, Series.last_received_at < cutoff)
+        .values(state=state, completed_at=utcnow(), routing_note=note)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def create_job(session: Session, series_id: int, model_id: str, model_version: str | None) -> int | None:
+    """Insert a queued job for (series, model); None if it already exists."""
+    now = utcnow()
+    inserted = insert_ignore(
+        session,
+        Job,
+        {
+            "series_id": series_id,
+            "model_id": model_id,
+            "model_version": model_version,
+            "state": JobState.queued.value,
+            "attempts": 0,
+            "created_at": now,
+            "queued_at": now,
+            "updated_at": now,
+        },
+        ["series_id", "model_id"],
+    )
+    if not inserted:
+        return None
+    return session.scalar(select(Job.id).where(Job.series_id == series_id, Job.model_id == model_id))
+
+
+def claim_job(session: Session, job_id: int, lease: timedelta) -> bool:
+    """Take a job for running: only a queued job, or a running one whose lease expired.
+
+    This SQL lease is what keeps two workers from running a job at once when a message is
+    delivered twice (redelivery after a broker restart, or the reconciler's re-send).
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(Job.state == JobState.queued, and_(Job.state == JobState.running, Job.lease_until < now)),
+        )
+        .values(
+            state=JobState.running,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            lease_until=now + lease,
+            error=None,
+            updated_at=now,
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def set_job_state(session: Session, job_id: int, state: JobState, error: str | None = None) -> None:
+    now = utcnow()
+    values: dict[str, Any] = {"state": state, "error": error, "updated_at": now}
+    if state in (JobState.done, JobState.failed):
+        values["finished_at"] = now
+        values["lease_until"] = None
+    if state == JobState.queued:
+        values["queued_at"] = now
+        values["lease_until"] = None
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def jobs_to_resend(session: Session, queued_before: datetime, now: datetime) -> tuple[list[int], list[int]]:
+    """Jobs whose message may be lost: (queued too long, running with an expired lease)."""
+    stale_queued = select(Job.id).where(Job.state == JobState.queued, Job.queued_at < queued_before)
+    expired = select(Job.id).where(Job.state == JobState.running, Job.lease_until < now)
+    return list(session.scalars(stale_queued)), list(session.scalars(expired))
+
+
+def exports_overdue(session: Session, before: datetime) -> list[int]:
+    """Ids of exporting jobs with a pending export whose next attempt is long overdue."""
+    stmt = (
+        select(Job.id)
+        .join(ResultObject, ResultObject.job_id == Job.id)
+        .join(Export, Export.result_object_id == ResultObject.id)
+        .where(
+            Job.state == JobState.exporting,
+            Export.state == ExportState.pending,
+            or_(Export.next_attempt_at.is_(None), Export.next_attempt_at < before),
+            Job.updated_at < before,
+        )
+        .distinct()
+    )
+    return list(session.scalars(stmt))
+
+
+def job_with_results(session: Session, job_id: int) -> Job | None:
+    stmt = (
+        select(Job)
+        .where(Job.id == job_id)
+        .options(
+            selectinload(Job.series).selectinload(Series.study),
+            selectinload(Job.findings),
+            selectinload(Job.measurements),
+            selectinload(Job.result_objects).selectinload(ResultObject.exports),
+        )
+    )
+    return session.scalar(stmt)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    state: JobState | None = None,
+    model_id: str | None = None,
+    study_instance_uid: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> Sequence[Job]:
+    stmt: Select[tuple[Job]] = select(Job).options(selectinload(Job.series).selectinload(Series.study))
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+    if model_id is not None:
+        stmt = stmt.where(Job.model_id == model_id)
+    if study_instance_uid is not None:
+        stmt = stmt.join(Series, Series.id == Job.series_id).join(Study, Study.id == Series.study_id)
+        stmt = stmt.where(Study.study_instance_uid == study_instance_uid)
+    return session.scalars(stmt.order_by(Job.id.desc()).limit(limit).offset(offset)).all()
+
+
+def study_with_results(session: Session, study_instance_uid: str) -> Study | None:
+    stmt = (
+        select(Study)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .options(
+            selectinload(Study.series).selectinload(Series.jobs).selectinload(Job.findings),
+            selectinload(Study.series).selectinload(Series.jobs).selectinload(Job.measurements),
+            selectinload(Study.series)
+            .selectinload(Series.jobs)
+            .selectinload(Job.result_objects)
+            .selectinload(ResultObject.exports),
+        )
+    )
+    return session.scalar(stmt)

@@ -1,0 +1,21 @@
+"""``python -m service.api``: the REST API under uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from infergate.config import get_settings
+from infergate.logs import setup_logging
+from service.api.app import create_app
+
+
+def main() -> int:
+    settings = get_settings()
+    setup_logging(settings, "api")
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                log_level=settings.log_level.lower(), access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

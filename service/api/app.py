@@ -1,0 +1,36 @@
+"""The REST API application factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session, sessionmaker
+
+from infergate import __version__
+from infergate.config import Settings
+from infergate.manifest import load_all
+from infergate.store.session import make_engine, make_session_factory
+from service.api.errors import install_error_handlers
+from service.api.routes import health, jobs, models, results
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Stable operation ids (the function name), so generated clients keep their method names."""
+    return route.name
+
+
+def create_app(settings: Settings, session_factory: sessionmaker[Session] | None = None) -> FastAPI:
+    """Build the API for ``settings``; tests may pass their own session factory."""
+    app = FastAPI(
+        title="infergate",
+        version=__version__,
+        description="DICOM AI inference node: jobs, results and models.",
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory or make_session_factory(make_engine(settings))
+    app.state.packages = load_all(settings.models_dir, verify_hash=False)
+    install_error_handlers(app)
+    for module in (health, jobs, results, models):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,120 @@
+"""Response models of the REST API (separate from the SQL tables)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from infergate.store.tables import ExportState, JobState
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class FindingOut(_Out):
+    name: str
+    code_value: str
+    code_scheme: str
+    code_meaning: str
+    probability: float
+    positive: bool | None
+
+
+class MeasurementOut(_Out):
+    segment_number: int | None
+    segment_label: str | None
+    name: str
+    value: float
+    unit: str
+
+
+class ExportOut(_Out):
+    destination: str
+    state: ExportState
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+class ResultObjectOut(_Out):
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    exports: list[ExportOut]
+
+
+class JobSummary(BaseModel):
+    id: int
+    model_id: str
+    model_version: str | None
+    state: JobState
+    attempts: int
+    error: str | None
+    study_instance_uid: str
+    series_instance_uid: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobDetail(JobSummary):
+    findings: list[FindingOut]
+    measurements: list[MeasurementOut]
+    result_objects: list[ResultObjectOut]
+
+
+class JobList(BaseModel):
+    items: list[JobSummary]
+    limit: int
+    offset: int
+
+
+class SeriesResults(BaseModel):
+    series_instance_uid: str
+    modality: str | None
+    series_description: str | None
+    state: str
+    routing_note: str | None
+    num_instances: int
+    jobs: list[JobDetail]
+
+
+class StudyResults(BaseModel):
+    study_instance_uid: str
+    series: list[SeriesResults]
+
+
+class SegmentOut(BaseModel):
+    value: int
+    name: str
+    category: str
+    type: str
+
+
+class ClassOut(BaseModel):
+    index: int
+    name: str
+    code: str
+
+
+class ModelOut(BaseModel):
+    id: str
+    version: str
+    name: str
+    description: str
+    task: str
+    modalities: list[str]
+    dimensionality: int
+    sha256: str
+    labels: list[SegmentOut]
+    classes: list[ClassOut]

@@ -1,0 +1,1 @@
+"""The DICOM SCP: C-ECHO and C-STORE, storing durably and nothing else."""

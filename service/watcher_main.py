@@ -1,0 +1,21 @@
+"""``python -m service.watcher_main``: the watcher alone (when the SCP runs with ``--no-watcher``)."""
+
+from __future__ import annotations
+
+from infergate.config import get_settings
+from infergate.jobs import JobQueue, make_celery
+from infergate.logs import setup_logging
+from service.runtime import session_factory, stop_event_on_signals
+from service.watcher import Watcher
+
+
+def main() -> int:
+    settings = get_settings()
+    setup_logging(settings, "watcher")
+    stop = stop_event_on_signals()
+    Watcher(settings, session_factory(settings), JobQueue(make_celery(settings))).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""The job pipeline as plain functions: claim, load, infer, write SEG/SR, record, export.
+
+Only :mod:`workers.tasks` knows about Celery; everything here takes a :class:`WorkerContext` and a
+job id, so it is tested without a broker. Each stage is a separate function passing typed objects
+(MONAI Deploy's operators): load series -> volume -> inference -> DICOM objects -> SQL rows.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from infergate.config import Settings
+from infergate.dicom.seg import build_seg
+from infergate.dicom.sr import ClassificationFinding, SegmentMeasurement, build_sr
+from infergate.dicom.storage import replace_file, resolve_inside, result_relpath
+from infergate.dicom.uids import derived_uid
+from infergate.dicom.volume import load_volume
+from infergate.errors import InvalidInput, ModelFailed, NotFound
+from infergate.manifest import ModelPackage, load_all
+from infergate.store import queries
+from infergate.store.tables import (
+    Export,
+    ExportState,
+    Finding,
+    Instance,
+    Job,
+    JobState,
+    Measurement,
+    ResultObject,
+    Series,
+)
+from workers.inference import InferenceOutput, infer
+from workers.postprocess import segment_volumes_ml
+from workers.runtime import InferenceRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process needs; built once per process, lazily."""
+
+    settings: Settings
+    factory: sessionmaker[Session]
+    runner: InferenceRunner
+    packages: dict[str, ModelPackage] = field(default_factory=dict)
+
+    def package(self, model_id: str) -> ModelPackage:
+        if model_id not in self.packages:
+            self.packages.update(load_all(self.settings.models_dir))
+        if model_id not in self.packages:
+            raise NotFound(f"Model {model_id!r} is not installed in {self.settings.models_dir}.")
+        return self.packages[model_id]
+
+
+class JobOutcome(enum.Enum):
+    skipped = "skipped"  # not claimable: done, failed, or running under another worker's lease
+    exporting = "exporting"
+    done = "done"
+    retry = "retry"
+    failed = "failed"
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    kind: str
+    dataset: Dataset
+    relpath: Path
+
+
+@dataclass(frozen=True)
+class JobResult:
+    files: list[ResultFile]
+    measurements: list[SegmentMeasurement]
+    findings: list[ClassificationFinding]
+
+
+def load_series(settings: Settings, session: Session, series_id: int) -> list[Dataset]:
+    """Read every stored instance of a series."""
+    paths = session.scalars(select(Instance.path).where(Instance.series_id == series_id)).all()
+    if not paths:
+        raise NotFound(f"Series {series_id} has no stored instances.")
+    return [dcmread(resolve_inside(settings.data_path, path)) for path in paths]
+
+
+def result_uids(series_uid: str, package: ModelPackage, kind: str) -> tuple[str, str]:
+    """(series, instance) UIDs of a result: the same job always yields the same UIDs (PS3.5 B.2)."""
+    base = ("infergate", series_uid, package.manifest.id, package.manifest.version, kind)
+    return derived_uid(*base, "series"), derived_uid(*base, "instance")
+
+
+def make_results(job_id: int, series_uid: str, datasets: list[Dataset], package: ModelPackage,
+                 output: InferenceOutput, volume_spacing: tuple[float, float, float]) -> JobResult:
+    """Turn an inference output into SEG/SR datasets and the values to record."""
+    manifest = package.manifest
+    series_number = 9000 + 10 * (job_id % 100)
+    files: list[ResultFile] = []
+    measurements: list[SegmentMeasurement] = []
+    findings: list[ClassificationFinding] = []
+    seg = None
+    if manifest.task == "segmentation":
+        assert output.label_map is not None
+        seg_series, seg_instance = result_uids(series_uid, package, "SEG")
+        seg = build_seg(datasets, output.label_map, manifest, series_instance_uid=seg_series,
+                        sop_instance_uid=seg_instance, series_number=series_number + 1)
+        files.append(ResultFile("SEG", seg, result_relpath(job_id, "SEG", seg_instance)))
+        volumes = segment_volumes_ml(output.label_map, volume_spacing, manifest.labels)
+        measurements = [
+            SegmentMeasurement(segment_number=number, label=label, volume_ml=volumes.get(label.value, 0.0))
+            for number, label in enumerate(manifest.labels, start=1)
+        ]
+    else:
+        assert output.probabilities is not None
+        for class_label in manifest.classes:
+            probability = float(output.probabilities[class_label.index])
+            positive = None
+            if manifest.threshold is not None and manifest.positive_class == class_label.index:
+                positive = probability >= manifest.threshold
+            findings.append(ClassificationFinding(class_label=class_label, probability=probability, positive=positive))
+    sr_series, sr_instance = result_uids(series_uid, package, "SR")
+    sr = build_sr(datasets, manifest, seg=seg, measurements=measurements, findings=findings,
+                  series_instance_uid=sr_series, sop_instance_uid=sr_instance, series_number=series_number + 2)
+    files.append(ResultFile("SR", sr, result_relpath(job_id, "SR", sr_instance)))
+    return JobResult(files=files, measurements=measurements, findings=findings)
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def compute(ctx: WorkerContext, job_id: int) -> JobResult:
+    """Load, infer and build the result objects of one job (no SQL writes)."""
+    with ctx.factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"Job {job_id} does not exist.")
+        series = session.get(Series, job.series_id)
+        assert series is not None
+        package = ctx.package(job.model_id)
+        datasets = load_series(ctx.settings, session, series.id)
+        series_uid = series.series_instance_uid
+    volume = load_volume(datasets)
+    output = infer(volume, package, ctx.runner)
+    result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing)
+    for item in result.files:
+        replace_file(ctx.settings.data_path, item.relpath, _encode(item.dataset))
+    return result
+
+
+def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, result: JobResult) -> JobOutcome | None:
+    """Store rows of a finished computation; None if this worker no longer holds the job."""
+    destinations = [str(d) for d in ctx.settings.pacs]
+    state = JobState.exporting if destinations else JobState.done
+    owned = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.running, Job.attempts == attempt)
+        .values(state=state, lease_until=None, error=None)
+    )
+    if not owned.rowcount:  # type: ignore[attr-defined]
+        return None
+    if state == JobState.done:
+        queries.set_job_state(session, job_id, JobState.done)
+    session.execute(delete(Finding).where(Finding.job_id == job_id))
+    session.execute(delete(Measurement).where(Measurement.job_id == job_id))
+    for finding in result.findings:
+        code = finding.class_label.code
+        session.add(Finding(job_id=job_id, name=finding.class_label.name, code_value=code.value,
+                            code_scheme=code.scheme, code_meaning=code.meaning,
+                            probability=finding.probability, positive=finding.positive))
+    for measurement in result.measurements:
+        session.add(Measurement(job_id=job_id, segment_number=measurement.segment_number,
+                                segment_label=measurement.label.name, name="Volume",
+                                value=measurement.volume_ml, unit="mL"))
+    for item in result.files:
+        ds = item.dataset
+        existing = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == ds.SOPInstanceUID))
+        if existing is None:
+            existing = ResultObject(job_id=job_id, kind=item.kind, sop_class_uid=ds.SOPClassUID,
+                                    sop_instance_uid=ds.SOPInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
+                                    path=item.relpath.as_posix())
+            session.add(existing)
+            session.flush()
+        for destination in destinations:
+            export = session.scalar(select(Export).where(Export.result_object_id == existing.id,
+                                                         Export.destination == destination))
+            if export is None:
+                session.add(Export(result_object_id=existing.id, destination=destination,
+                                   state=ExportState.pending, attempts=0))
+            else:  # a rerun replaced the object: deliver it again
+                export.state, export.next_attempt_at = ExportState.pending, None
+    return JobOutcome.exporting if destinations else JobOutcome.done
+
+
+def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
+    """Run one job if it can be claimed.
+
+    Returns
+    -------
+    (JobOutcome, float | None)
+        The outcome and, for ``retry``, the delay in seconds before the next attempt.
+    """
+    settings = ctx.settings
+    with ctx.factory() as session, session.begin():
+        if not queries.claim_job(session, job_id, timedelta(seconds=settings.job_lease_seconds)):
+            return JobOutcome.skipped, None
+        job = session.get(Job, job_id)
+        assert job is not None
+        attempt, model_id = job.attempts, job.model_id
+        if attempt > settings.job_max_attempts:
+            queries.set_job_state(session, job_id, JobState.failed,
+                                  job.error or f"gave up after {settings.job_max_attempts} attempts")
+            return JobOutcome.failed, None
+    log.info("job %d: running %s (attempt %d)", job_id, model_id, attempt)
+    try:
+        result = compute(ctx, job_id)
+    except (InvalidInput, ModelFailed, NotFound) as exc:
+        log.warning("job %d failed: %s", job_id, exc)
+        with ctx.factory() as session, session.begin():
+            queries.set_job_state(session, job_id, JobState.failed, f"{type(exc).__name__}: {exc}")
+        return JobOutcome.failed, None
+    except Exception as exc:
+        log.exception("job %d attempt %d raised", job_id, attempt)
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        final = attempt >= settings.job_max_attempts
+        with ctx.factory() as session, session.begin():
+            queries.set_job_state(session, job_id, JobState.failed if final else JobState.queued,
+                                  message + ("" if final else f" (attempt {attempt}, will retry)"))
+        return (JobOutcome.failed, None) if final else (JobOutcome.retry, min(60.0, 2.0 ** attempt))
+    with ctx.factory() as session, session.begin():
+        outcome = record(session, ctx, job_id, attempt, result)
+    if outcome is None:
+        log.warning("job %d: lease lost while running; results left to the other attempt", job_id)
+        return JobOutcome.skipped, None
+    log.info("job %d: %s", job_id, outcome.value)
+    return outcome, None
+
