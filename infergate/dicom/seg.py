@@ -131,8 +131,13 @@ def _segment_description(
     )
 
 
-def _check_sources(source_datasets: Sequence[Dataset]) -> tuple[list[Dataset], int]:
-    """The sources as a list and the number of frames a label map must have for them."""
+def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The sources as a list, each a single-frame image.
+
+    Multi-frame sources (enhanced CT/MR) are refused rather than half supported: highdicom
+    handles one multi-frame source only with a frame of reference, and the worker builds its
+    volumes from single-frame series.
+    """
     if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
         raise TypeError('Argument "source_datasets" should be a sequence of pydicom Datasets.')
     sources = list(source_datasets)
@@ -140,16 +145,15 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> tuple[list[Dataset], i
         raise ValueError('Argument "source_datasets" should not be empty.')
     for ds in sources:
         if not isinstance(ds, Dataset):
-            raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
-    frames = [int(ds.get("NumberOfFrames") or 1) for ds in sources]
-    if len(sources) > 1 and max(frames) > 1:
-        raise ValueError(
-            'Argument "source_datasets" should hold either single-frame images or one multi-frame image.'
-        )
-    return sources, sum(frames)
+            raise TypeError(
+                f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.'
+            )
+        if int(ds.get("NumberOfFrames") or 1) > 1:
+            raise ValueError('Argument "source_datasets" should hold single-frame images only.')
+    return sources
 
 
-def _as_frames(label_map: np.ndarray, sources: list[Dataset], n_frames: int) -> np.ndarray:
+def _as_frames(label_map: np.ndarray, sources: list[Dataset]) -> np.ndarray:
     """``label_map`` as (frames, rows, columns), checked against the sources' geometry."""
     if not isinstance(label_map, np.ndarray):
         raise TypeError(f'Argument "label_map" should be a numpy array, not {type(label_map).__name__}.')
@@ -162,7 +166,7 @@ def _as_frames(label_map: np.ndarray, sources: list[Dataset], n_frames: int) -> 
     if label_map.ndim != 3:
         raise ValueError(f'Argument "label_map" should have 2 or 3 dimensions, not {label_map.ndim}.')
     for ds in sources:
-        expected = (n_frames, int(ds.Rows), int(ds.Columns))
+        expected = (len(sources), int(ds.Rows), int(ds.Columns))
         if label_map.shape != expected:
             raise ValueError(
                 f'Argument "label_map" has shape {label_map.shape} but "source_datasets" '
@@ -230,15 +234,18 @@ def build_seg(
     n_labels empty frames). Instead a single empty frame per segment is written, placed on the
     first source image; all sources are still listed in the Referenced Series Sequence, so the
     object still says which images were segmented and that nothing was found.
-    A segment that is empty while others are not simply has no frames, which PS3.3 C.8.20
-    allows.
+    A segment that is empty while others are not simply has no frames: it is still described
+    in the Segment Sequence, and readers (highdicom, dciodvfy) treat it as empty.
+
+    Sources without a frame of reference (CR, DX) must be a single image, as highdicom
+    requires; the SEG then gets the source's Patient Orientation, which highdicom omits.
 
     Parameters
     ----------
     source_datasets: Sequence[pydicom.Dataset]
         The images the model ran on: single-frame images (CT, MR, CR, DX, ...) in the order of
-        the first axis of ``label_map``, or one multi-frame image. Patient, study, frame of
-        reference and geometry are copied from them.
+        the first axis of ``label_map``. Patient, study, frame of reference and geometry are
+        copied from them.
     label_map: numpy.ndarray
         Integer array (frames, rows, columns), or (rows, columns) for a single source image,
         whose values are ``SegmentLabel.value`` of the manifest and 0 for background.
@@ -261,8 +268,8 @@ def build_seg(
         An argument has the wrong type, e.g. ``label_map`` is not an integer numpy array.
     ValueError
         ``label_map`` does not match the sources' shape, holds values that are not label values
-        of the manifest, the manifest is not a segmentation model's, or a UID or number is
-        malformed.
+        of the manifest, a source is multi-frame, the manifest is not a segmentation model's, or
+        a UID or number is malformed.
     """
     if not isinstance(manifest, ModelManifest):
         raise TypeError(f'Argument "manifest" should be a ModelManifest, not {type(manifest).__name__}.')
@@ -272,8 +279,8 @@ def build_seg(
     require_uid(sop_instance_uid, "sop_instance_uid")
     require_positive_int(series_number, "series_number")
     require_positive_int(instance_number, "instance_number")
-    sources, n_frames = _check_sources(source_datasets)
-    segments = _segment_numbers(_as_frames(label_map, sources, n_frames), manifest.labels)
+    sources = _check_sources(source_datasets)
+    segments = _segment_numbers(_as_frames(label_map, sources), manifest.labels)
 
     algorithm = algorithm_identification(manifest)
     descriptions = [
@@ -284,9 +291,9 @@ def build_seg(
     omit_empty_frames = True
     if not segments.any():
         omit_empty_frames = False
-        if n_frames > 1:
+        if len(sources) > 1:
             segments, plane_positions = segments[:1], [_first_plane_position(sources)]
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -304,6 +311,12 @@ def build_seg(
         plane_positions=plane_positions,
         omit_empty_frames=omit_empty_frames,
     )
+    if "FrameOfReferenceUID" not in seg:
+        # Patient Orientation is Type 2C in the General Image Module (PS3.3 C.7.6.1) when there
+        # is no frame of reference (CR, DX); highdicom 0.28.2 leaves it out, which dciodvfy
+        # reports as an error. The SEG shares the source's pixel matrix, so its value applies.
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "")
+    return seg
 
 
 def _first_plane_position(sources: list[Dataset]) -> hd.PlanePositionSequence:
@@ -314,9 +327,6 @@ def _first_plane_position(sources: list[Dataset]) -> hd.PlanePositionSequence:
     ValueError
         The sources lack a patient coordinate system, so the first plane cannot be placed.
     """
-    if len(sources) == 1:  # one multi-frame image: first frame's position
-        position = hd.utils.get_plane_positions_of_image(sources[0])[0]
-        return position
     ds = sources[0]
     if "ImagePositionPatient" not in ds or "FrameOfReferenceUID" not in ds:
         raise ValueError(

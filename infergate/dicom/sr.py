@@ -22,6 +22,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+import infergate
 from infergate.dicom.seg import MANUFACTURER, coded_concept, require_positive_int, segment_tracking_uid
 from infergate.dicom.uids import derived_uid, require_uid
 from infergate.manifest import ClassLabel, ModelManifest, SegmentLabel
@@ -114,7 +115,9 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
         raise ValueError('Argument "source_datasets" should not be empty.')
     for ds in sources:
         if not isinstance(ds, Dataset):
-            raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
+            raise TypeError(
+                f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.'
+            )
     return sources
 
 
@@ -133,13 +136,18 @@ def _volume_group(
     the SEG already lists the individual source images.
     """
     if not isinstance(measurement, SegmentMeasurement):
-        raise TypeError(f'Items of argument "measurements" should be SegmentMeasurement, not {type(measurement).__name__}.')
+        raise TypeError(
+            'Items of argument "measurements" should be SegmentMeasurement, '
+            f"not {type(measurement).__name__}."
+        )
     number = measurement.segment_number
     segments = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
     if number not in segments:
         raise ValueError(f'Argument "measurements" refers to segment {number}, which "seg" does not have.')
     if measurement.label not in manifest.labels:
-        raise ValueError(f'Argument "measurements" has label {measurement.label.name!r}, which is not in the manifest.')
+        raise ValueError(
+            f'Argument "measurements" has label {measurement.label.name!r}, which is not in the manifest.'
+        )
     if not (math.isfinite(measurement.volume_ml) and measurement.volume_ml >= 0):
         raise ValueError(f'Argument "measurements" has volume {measurement.volume_ml} for segment {number}.')
     label = measurement.label
@@ -180,14 +188,18 @@ def _class_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for one class: the class, its probability and, if decided, its presence."""
     if not isinstance(finding, ClassificationFinding):
-        raise TypeError(f'Items of argument "findings" should be ClassificationFinding, not {type(finding).__name__}.')
+        raise TypeError(
+            f'Items of argument "findings" should be ClassificationFinding, not {type(finding).__name__}.'
+        )
     if manifest.finding is None:
         raise ValueError('Argument "manifest" should have a "finding" concept to report "findings".')
     label = finding.class_label
     if label not in manifest.classes:
         raise ValueError(f'Argument "findings" has class {label.name!r}, which is not in the manifest.')
     if not (math.isfinite(finding.probability) and 0.0 <= finding.probability <= 1.0):
-        raise ValueError(f'Argument "findings" has probability {finding.probability} for class {label.name!r}.')
+        raise ValueError(
+            f'Argument "findings" has probability {finding.probability} for class {label.name!r}.'
+        )
     concept = coded_concept(manifest.finding)
     evaluations = [hd.sr.QualitativeEvaluation(name=concept, value=coded_concept(label.code))]
     if finding.positive is not None:
@@ -262,7 +274,9 @@ def build_sr(
     if not isinstance(manifest, ModelManifest):
         raise TypeError(f'Argument "manifest" should be a ModelManifest, not {type(manifest).__name__}.')
     if seg is not None and not isinstance(seg, hd.seg.Segmentation):
-        raise TypeError(f'Argument "seg" should be a highdicom Segmentation or None, not {type(seg).__name__}.')
+        raise TypeError(
+            f'Argument "seg" should be a highdicom Segmentation or None, not {type(seg).__name__}.'
+        )
     require_uid(series_instance_uid, "series_instance_uid")
     require_uid(sop_instance_uid, "sop_instance_uid")
     require_positive_int(series_number, "series_number")
@@ -298,6 +312,9 @@ def build_sr(
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
+        manufacturer_model_name=manifest.id,
+        software_versions=infergate.__version__,
+        device_serial_number="0",
         is_complete=True,
         series_description=f"{manifest.name[: _LO_MAX - 3]} SR",
     )

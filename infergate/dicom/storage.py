@@ -104,9 +104,9 @@ def store_new_file(root: Path, relpath: Path, data: bytes | list[bytes]) -> bool
         The volume is full; nothing partial is left behind.
     """
     final = resolve_inside(root, relpath)
-    _makedirs_durable(final.parent)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(data):x}.tmp")
     try:
+        _makedirs_durable(final.parent)  # inside the try: a full disk can refuse a new folder too
         _write_fsynced(tmp, data)
         try:
             os.link(tmp, final)
@@ -128,10 +128,10 @@ def replace_file(root: Path, relpath: Path, data: bytes) -> Path:
     Used for result objects, whose deterministic UIDs make a rerun replace the earlier output.
     """
     final = resolve_inside(root, relpath)
-    _makedirs_durable(final.parent)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
+        _makedirs_durable(final.parent)
+        tmp.unlink(missing_ok=True)
         _write_fsynced(tmp, data)
         os.replace(tmp, final)
         _fsync_dir(final.parent)

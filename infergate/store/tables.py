@@ -20,8 +20,10 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -69,7 +71,30 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, name=cls.__name__.lower(), native_enum=False, length=16, validate_strings=True)
 
 
-_TS = DateTime(timezone=True)
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps in UTC that come back timezone-aware from every backend.
+
+    SQLite has no time zones and returns naive values; comparing those with aware ones fails in
+    Python, so naive results are marked UTC (everything we store is UTC).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("Timestamps stored in the results store must be timezone-aware.")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+_TS = UTCDateTime()
 
 
 class Study(Base):

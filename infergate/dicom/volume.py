@@ -1,0 +1,322 @@
+"""Build one pixel volume, in modality units, from the instances of a series.
+
+Two kinds of input are accepted:
+
+* a stack of single-frame cross-sectional images (CT, MR, ...) that share one orientation, one
+  matrix size and one pixel spacing, with evenly spaced positions along the slice normal; the
+  slices are sorted by their position along that normal (PS3.3 C.7.6.2.1.1), never by
+  Instance Number, which says nothing reliable about geometry;
+* a single image, e.g. a CR/DX radiograph without patient geometry (PS3.3 C.8.11.4), which
+  becomes a volume of one slice.
+
+Anything else (mixed orientations, duplicate positions, gaps, sheared stacks, multi-frame or colour
+images) is refused with :class:`~infergate.errors.InvalidInput`: a model run on a mis-built volume
+would give a wrong answer silently, whereas a refusal is visible in the job state.
+
+Compressed pixel data is decoded by pydicom with whichever plugins are installed (pylibjpeg for
+JPEG, JPEG-LS and JPEG 2000; pydicom's own RLE decoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+from infergate.errors import InvalidInput
+
+#: Largest difference between direction cosines still taken as the same orientation (~0.06 degrees).
+ORIENTATION_TOLERANCE = 1e-3
+#: Relative tolerance on Pixel Spacing between slices.
+PIXEL_SPACING_RTOL = 1e-3
+#: Slice gaps may differ from the mean by the larger of these (mm, and fraction of the mean).
+SLICE_SPACING_ATOL_MM = 0.01
+SLICE_SPACING_RTOL = 0.01
+#: Two positions closer than this along the normal (mm) are duplicates.
+DUPLICATE_POSITION_MM = 1e-3
+#: mm assumed for a projection image without Pixel Spacing or Imager Pixel Spacing, and between
+#: "slices" of a one-image volume.
+_PROJECTION_DEFAULT_SPACING = 1.0
+
+
+@dataclass
+class Volume:
+    """A pixel volume with its patient geometry.
+
+    Attributes
+    ----------
+    array : numpy.ndarray
+        float32 ``(slices, rows, columns)`` in modality units (HU for CT): Rescale Slope and
+        Intercept (or a Modality LUT) applied per slice.
+    spacing : tuple[float, float, float]
+        mm between slice centres, between rows (Pixel Spacing[0]) and between columns
+        (Pixel Spacing[1]).
+    origin : tuple[float, float, float]
+        Image Position (Patient) of the first slice; ``(0, 0, 0)`` when the image has none.
+    direction : numpy.ndarray
+        3x3, one unit vector per row: the row direction cosines (the way the column index grows),
+        the column direction cosines (the way the row index grows) and the slice normal
+        ``cross(row, column)`` (the way the slice index grows). Identity when the image has no
+        patient geometry.
+    datasets : list[pydicom.Dataset]
+        The source datasets in array order, so that outputs can reference them slice by slice.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    datasets: list[Dataset]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(slices, rows, columns)``."""
+        slices, rows, columns = self.array.shape
+        return int(slices), int(rows), int(columns)
+
+
+def load_volume(datasets: Sequence[Dataset]) -> Volume:
+    """Sort, check and decode the instances of one series into a :class:`Volume`.
+
+    Parameters
+    ----------
+    datasets : Sequence[pydicom.Dataset]
+        Every instance of the series, in any order. One dataset without Image Orientation
+        (Patient) and Image Position (Patient) is read as a projection radiograph.
+
+    Returns
+    -------
+    Volume
+        The volume; ``datasets`` sorted along the slice normal.
+
+    Raises
+    ------
+    TypeError
+        ``datasets`` is not a sequence of pydicom Datasets.
+    InvalidInput
+        The instances do not form one regular volume (see the module docstring), or their pixel
+        data cannot be decoded.
+
+    Notes
+    -----
+    MONOCHROME1 (minimum value displayed white, PS3.3 C.7.6.3.1.2) is inverted to MONOCHROME2
+    semantics only for single images without patient geometry, i.e. projection radiographs: their
+    stored values have no physical unit and models expect "brighter is denser". Cross-sectional
+    images are left alone, because their modality values (HU for CT) mean the same whatever the
+    display polarity, and inverting them would break windows given in those units.
+    """
+    if isinstance(datasets, Dataset) or not isinstance(datasets, Sequence):
+        raise TypeError('Argument "datasets" should be a sequence of pydicom Datasets.')
+    if not datasets:
+        raise InvalidInput('Argument "datasets" is empty; a volume needs at least one image.')
+    for index, ds in enumerate(datasets):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f'Argument "datasets" item {index} should be a pydicom Dataset, not {type(ds).__name__}.')
+        _check_single_frame_monochrome(ds, index)
+    if len(datasets) == 1 and not _has_geometry(datasets[0]):
+        return _load_projection(datasets[0])
+    return _load_stack(list(datasets))
+
+
+def _check_single_frame_monochrome(ds: Dataset, index: int) -> None:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise InvalidInput(
+            f"Image {index} has {frames} frames; only single-frame images are supported "
+            "(enhanced multi-frame objects need per-frame geometry)."
+        )
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InvalidInput(
+            f"Image {index} has Photometric Interpretation {photometric!r} with {samples} samples per "
+            "pixel; only MONOCHROME1/2 greyscale images are supported."
+        )
+    for keyword in ("Rows", "Columns"):
+        if ds.get(keyword) is None:
+            raise InvalidInput(f"Image {index} has no {keyword}.")
+
+
+def _has_geometry(ds: Dataset) -> bool:
+    try:
+        return ds.get("ImageOrientationPatient") is not None and ds.get("ImagePositionPatient") is not None
+    except ValueError:  # present but malformed (read from a file): the stack checks refuse it clearly
+        return True
+
+
+def _floats(ds: Dataset, keyword: str, count: int, index: int) -> np.ndarray:
+    try:
+        value = ds.get(keyword)  # a malformed DS read from a file raises here
+        numbers = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"Image {index} has no usable {keyword} ({count} numbers needed).") from exc
+    if numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
+        raise InvalidInput(f"Image {index} has no usable {keyword} ({count} numbers needed).")
+    return numbers
+
+
+def _pixels(ds: Dataset, index: int) -> np.ndarray:
+    """Decoded pixels of one image with the Modality LUT (Rescale Slope/Intercept) applied."""
+    try:
+        stored = ds.pixel_array
+    except (AttributeError, KeyError) as exc:
+        raise InvalidInput(f"Image {index} has no pixel data.") from exc
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise InvalidInput(f"Image {index}: cannot decode pixel data ({name}): {exc}") from exc
+    if stored.ndim != 2:
+        raise InvalidInput(f"Image {index} decoded to shape {stored.shape}; one greyscale frame was expected.")
+    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+
+
+def _load_projection(ds: Dataset) -> Volume:
+    """One image without patient geometry: a volume of one slice in an identity frame."""
+    # Pixel Spacing is calibrated to the patient; Imager Pixel Spacing is at the detector face.
+    keyword = next((k for k in ("PixelSpacing", "ImagerPixelSpacing") if ds.get(k)), None)
+    if keyword is None:
+        row_spacing = column_spacing = _PROJECTION_DEFAULT_SPACING
+    else:
+        row_spacing, column_spacing = (float(v) for v in _floats(ds, keyword, 2, 0))
+    if row_spacing <= 0 or column_spacing <= 0:
+        raise InvalidInput(f"Image 0 has a non-positive pixel spacing ({row_spacing}, {column_spacing}).")
+    pixels = _pixels(ds, 0)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        pixels = _invert_monochrome1(pixels, ds)
+    return Volume(
+        array=pixels[np.newaxis],
+        spacing=(_PROJECTION_DEFAULT_SPACING, row_spacing, column_spacing),
+        origin=(0.0, 0.0, 0.0),
+        direction=np.eye(3),
+        datasets=[ds],
+    )
+
+
+def _invert_monochrome1(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map MONOCHROME1 values onto MONOCHROME2 polarity over the full range of stored values.
+
+    Using the range the stored bits can hold (rather than the image's own minimum and maximum)
+    keeps the mapping independent of content, so the same detector value always maps to the same
+    output.
+    """
+    if "ModalityLUTSequence" in ds:
+        low, high = float(pixels.min()), float(pixels.max())
+    else:
+        bits = int(ds.get("BitsStored", 16))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        stored_low, stored_high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        ends = sorted((stored_low * slope + intercept, stored_high * slope + intercept))
+        low, high = ends
+    return np.asarray(low + high - pixels, dtype=np.float32)
+
+
+def _load_stack(datasets: list[Dataset]) -> Volume:
+    """Single-frame cross-sectional images: check they form one regular grid, then sort and stack."""
+    first = datasets[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    orientation = None
+    pixel_spacing = None
+    positions = np.empty((len(datasets), 3), dtype=np.float64)
+    for index, ds in enumerate(datasets):
+        if not _has_geometry(ds) or ds.get("PixelSpacing") is None:
+            raise InvalidInput(
+                f"Image {index} lacks Image Orientation (Patient), Image Position (Patient) or Pixel "
+                "Spacing; a multi-image series needs all three to be stacked into a volume."
+            )
+        this_orientation = _floats(ds, "ImageOrientationPatient", 6, index)
+        this_spacing = _floats(ds, "PixelSpacing", 2, index)
+        positions[index] = _floats(ds, "ImagePositionPatient", 3, index)
+        if (int(ds.Rows), int(ds.Columns)) != (rows, columns):
+            raise InvalidInput(
+                f"Image {index} has {ds.Rows}x{ds.Columns} pixels but image 0 has {rows}x{columns}; "
+                "all slices of a volume must have the same matrix size."
+            )
+        if orientation is None or pixel_spacing is None:
+            orientation, pixel_spacing = this_orientation, this_spacing
+        elif np.max(np.abs(this_orientation - orientation)) > ORIENTATION_TOLERANCE:
+            raise InvalidInput(
+                f"Image {index} has a different Image Orientation (Patient) from image 0; mixed "
+                "orientations (e.g. a localizer or another plane) cannot form one volume."
+            )
+        elif not np.allclose(this_spacing, pixel_spacing, rtol=PIXEL_SPACING_RTOL, atol=0.0):
+            raise InvalidInput(
+                f"Image {index} has Pixel Spacing {this_spacing.tolist()} but image 0 has "
+                f"{pixel_spacing.tolist()}; all slices of a volume must have the same pixel spacing."
+            )
+    assert orientation is not None and pixel_spacing is not None
+    if np.any(pixel_spacing <= 0):
+        raise InvalidInput(f"Pixel Spacing {pixel_spacing.tolist()} should be positive.")
+    direction = _direction(orientation)
+    along = positions @ direction[2]
+    order = np.argsort(along, kind="stable")
+    along, positions = along[order], positions[order]
+    slice_spacing = _slice_spacing(along, datasets[0])
+    _check_not_sheared(positions, direction, float(pixel_spacing.min()))
+    array = np.empty((len(datasets), rows, columns), dtype=np.float32)
+    sorted_datasets = [datasets[int(i)] for i in order]
+    for slot, source_index in enumerate(order):
+        array[slot] = _pixels(datasets[int(source_index)], int(source_index))
+    return Volume(
+        array=array,
+        spacing=(slice_spacing, float(pixel_spacing[0]), float(pixel_spacing[1])),
+        origin=(float(positions[0, 0]), float(positions[0, 1]), float(positions[0, 2])),
+        direction=direction,
+        datasets=sorted_datasets,
+    )
+
+
+def _direction(orientation: np.ndarray) -> np.ndarray:
+    row, column = orientation[:3], orientation[3:]
+    norms = np.linalg.norm(row), np.linalg.norm(column)
+    if min(norms) < 1e-6:
+        raise InvalidInput("Image Orientation (Patient) holds a zero vector.")
+    row, column = row / norms[0], column / norms[1]
+    if abs(float(row @ column)) > 1e-2:
+        raise InvalidInput("Image Orientation (Patient) row and column cosines are not orthogonal.")
+    normal = np.cross(row, column)
+    return np.stack([row, column, normal / np.linalg.norm(normal)])
+
+
+def _slice_spacing(along: np.ndarray, first: Dataset) -> float:
+    """Mean distance between sorted slice positions, refusing duplicates and uneven gaps."""
+    if along.size == 1:
+        # One slice with geometry: the spacing along the normal is only a nominal thickness.
+        for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+            value = first.get(keyword)
+            if value is not None and float(value) > 0:
+                return float(value)
+        return 1.0
+    gaps = np.diff(along)
+    if np.any(gaps < DUPLICATE_POSITION_MM):
+        count = int(np.sum(gaps < DUPLICATE_POSITION_MM))
+        raise InvalidInput(
+            f"{count} slice position(s) repeat along the slice normal; duplicate positions (e.g. two "
+            "acquisitions or echoes in one series) cannot form one volume."
+        )
+    mean = float((along[-1] - along[0]) / (along.size - 1))
+    tolerance = max(SLICE_SPACING_ATOL_MM, SLICE_SPACING_RTOL * mean)
+    worst = float(np.max(np.abs(gaps - mean)))
+    if worst > tolerance:
+        raise InvalidInput(
+            f"Slice spacing is uneven: gaps range from {gaps.min():.3f} to {gaps.max():.3f} mm around a "
+            f"mean of {mean:.3f} mm (tolerance {tolerance:.3f} mm); missing slices or gaps are refused."
+        )
+    return mean
+
+
+def _check_not_sheared(positions: np.ndarray, direction: np.ndarray, pixel_spacing: float) -> None:
+    """Refuse stacks whose slices drift in-plane (gantry tilt): the grid would not be orthogonal."""
+    if positions.shape[0] < 2:
+        return
+    in_plane = (positions - positions[0]) @ direction[:2].T
+    drift = float(np.max(np.linalg.norm(in_plane, axis=1)))
+    if drift > 0.5 * pixel_spacing:
+        raise InvalidInput(
+            f"Slice positions drift {drift:.2f} mm in-plane across the stack (gantry tilt or a sheared "
+            "acquisition); only orthogonal grids are supported."
+        )

@@ -1,0 +1,159 @@
+"""Running a model's network on a batch: the :class:`InferenceRunner` protocol and ONNX Runtime.
+
+The pipeline only needs "tensor in, tensor out", so it depends on the :class:`InferenceRunner`
+protocol; :class:`OnnxRunner` is the production implementation and tests supply runners that
+compute a known function. Sessions are created on first use, never at import or at worker
+start-up (Celery's ``worker_process_init`` allows 4 s, too little to load a large model), and are
+cached in the runner, which a worker process keeps for its lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from infergate.errors import ModelFailed, NotFound
+from infergate.manifest import ModelPackage
+
+log = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+#: Providers that "auto" takes, fastest first, when the installed ONNX Runtime has them.
+AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class InferenceRunner(Protocol):
+    """Runs the network of a model package on one batch."""
+
+    def run(self, package: ModelPackage, batch: np.ndarray) -> np.ndarray:
+        """Run ``package``'s network.
+
+        Parameters
+        ----------
+        package : ModelPackage
+            The model to run.
+        batch : numpy.ndarray
+            float32 input in the manifest's layout, ``(N, 1, D, H, W)`` or ``(N, 1, H, W)``.
+
+        Returns
+        -------
+        numpy.ndarray
+            The raw output named by the manifest's ``output_name``: ``(N, C, ...)`` scores for
+            segmentation, ``(N, C)`` logits for classification.
+        """
+        ...
+
+
+def resolve_providers(requested: list[str], available: list[str] | None = None) -> list[str]:
+    """The ONNX Runtime execution providers to use, in priority order.
+
+    Parameters
+    ----------
+    requested : list[str]
+        Provider names from the settings. ``"auto"`` stands for TensorRT and CUDA when the
+        installed ONNX Runtime has them; other names are kept only if available, so one setting
+        works on CPU-only and GPU workers alike.
+    available : list[str] | None
+        What the installed ONNX Runtime offers; ``onnxruntime.get_available_providers()`` when
+        None (given explicitly in tests).
+
+    Returns
+    -------
+    list[str]
+        Available providers without repeats, always ending with ``CPUExecutionProvider`` so that
+        operators a GPU provider does not implement still run.
+    """
+    if not isinstance(requested, list) or not all(isinstance(name, str) for name in requested):
+        raise TypeError('Argument "requested" should be a list of provider names.')
+    offered = set(ort.get_available_providers() if available is None else available)
+    resolved: list[str] = []
+    for name in requested:
+        candidates = [p for p in AUTO_PROVIDERS if p in offered] if name.strip().lower() == "auto" else [name.strip()]
+        for candidate in candidates:
+            if candidate == CPU_PROVIDER or candidate in resolved:
+                continue
+            if candidate in offered:
+                resolved.append(candidate)
+            else:
+                log.warning("ONNX Runtime provider %s is not available here; skipped", candidate)
+    return [*resolved, CPU_PROVIDER]
+
+
+class OnnxRunner:
+    """An :class:`InferenceRunner` backed by ONNX Runtime sessions, one per model id.
+
+    Parameters
+    ----------
+    providers : list[str]
+        Requested execution providers, resolved by :func:`resolve_providers`.
+    intra_op_threads : int
+        Threads per session for one operator; 0 lets ONNX Runtime choose (all cores). Set it when
+        several worker processes share a machine, so they do not oversubscribe the cores.
+    """
+
+    def __init__(self, providers: list[str], intra_op_threads: int = 0) -> None:
+        if intra_op_threads < 0:
+            raise ValueError('Argument "intra_op_threads" should be 0 or a positive integer.')
+        self._providers = resolve_providers(providers)
+        self._intra_op_threads = intra_op_threads
+        self._sessions: dict[str, tuple[str, ort.InferenceSession]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def providers(self) -> list[str]:
+        """The resolved providers new sessions ask for."""
+        return list(self._providers)
+
+    def providers_in_use(self, model_id: str) -> list[str]:
+        """Providers the session of ``model_id`` actually got; empty if it has not been loaded yet.
+
+        ONNX Runtime silently drops a provider it cannot initialise (e.g. CUDA without a driver),
+        so this, not the request, says whether a model runs on the GPU.
+        """
+        entry = self._sessions.get(model_id)
+        return list(entry[1].get_providers()) if entry is not None else []
+
+    def session(self, package: ModelPackage) -> ort.InferenceSession:
+        """The cached session of ``package``, created on first use.
+
+        A package whose SHA-256 differs from the cached one (a model updated in place) gets a new
+        session.
+
+        Raises
+        ------
+        NotFound
+            The ONNX file is missing.
+        ModelFailed
+            ONNX Runtime cannot load the file.
+        """
+        manifest = package.manifest
+        with self._lock:
+            entry = self._sessions.get(manifest.id)
+            if entry is not None and entry[0] == manifest.sha256:
+                return entry[1]
+            path = package.onnx_path
+            if not path.is_file():
+                raise NotFound(f"Model file {path} is missing.")
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
+            if self._intra_op_threads:
+                options.intra_op_num_threads = self._intra_op_threads
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
+            except Exception as exc:  # onnxruntime raises its own pybind exception types
+                raise ModelFailed(f"ONNX Runtime cannot load model {manifest.id!r}: {exc}") from exc
+            log.info("loaded model %s %s on %s", manifest.id, manifest.version, ",".join(session.get_providers()))
+            self._sessions[manifest.id] = (manifest.sha256, session)
+            return session
+
+    def run(self, package: ModelPackage, batch: np.ndarray) -> np.ndarray:
+        """Run ``package`` on ``batch`` (see :meth:`InferenceRunner.run`)."""
+        session = self.session(package)
+        manifest = package.manifest
+        inputs = {manifest.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        (output,) = session.run([manifest.output_name], inputs)
+        return np.asarray(output)
