@@ -20,6 +20,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --upgrade pip \
     && useradd --create-home --uid 10001 --user-group infergate \
     && mkdir -p /data \
     && chown infergate:infergate /data
@@ -29,7 +30,7 @@ WORKDIR /app
 # The project's dependencies with the `gpu` extra, minus the CPU onnxruntime. Both wheels install the same
 # `onnxruntime` package folder, so installing both and uninstalling the CPU one afterwards deletes files that
 # onnxruntime-gpu needs; never installing it avoids that.
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 RUN python -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = [d for d in p["dependencies"] if re.split(r"[^A-Za-z0-9._-]", d, maxsplit=1)[0].lower() != "onnxruntime"]; print("\n".join(deps + p["optional-dependencies"]["gpu"]))' \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt

@@ -99,6 +99,10 @@ class ClassLabel(_Strict):
     code: Code
 
 
+def _default_measurements() -> list[Literal["volume"]]:
+    return ["volume"]
+
+
 class ModelManifest(_Strict):
     """The manifest of one model package (``manifest.json``)."""
 
@@ -118,7 +122,7 @@ class ModelManifest(_Strict):
     finding: Code | None = Field(None, description="Concept of a classification finding in the SR.")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="Decision threshold on the positive class.")
     positive_class: int | None = None
-    measurements: list[Literal["volume"]] = Field(default_factory=lambda: ["volume"])
+    measurements: list[Literal["volume"]] = Field(default_factory=_default_measurements)
 
     @field_validator("file")
     @classmethod

@@ -76,7 +76,8 @@ def model_grid_shape(
         target = preprocess.target_spacing
         _check_length("target_spacing", target, axes)
         resized = tuple(
-            max(1, int(round(n * s / t))) for n, s, t in zip(shape[3 - axes :], spacing[3 - axes :], target, strict=True)
+            max(1, int(round(n * s / t)))
+            for n, s, t in zip(shape[3 - axes :], spacing[3 - axes :], target, strict=True)
         )
     elif preprocess.target_shape is not None:
         _check_length("target_shape", preprocess.target_shape, axes)

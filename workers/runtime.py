@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +26,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
+@runtime_checkable
 class InferenceRunner(Protocol):
     """Runs the network of a model package on one batch."""
 
@@ -72,7 +73,9 @@ def resolve_providers(requested: list[str], available: list[str] | None = None) 
     offered = set(ort.get_available_providers() if available is None else available)
     resolved: list[str] = []
     for name in requested:
-        candidates = [p for p in AUTO_PROVIDERS if p in offered] if name.strip().lower() == "auto" else [name.strip()]
+        candidates = (
+            [p for p in AUTO_PROVIDERS if p in offered] if name.strip().lower() == "auto" else [name.strip()]
+        )
         for candidate in candidates:
             if candidate == CPU_PROVIDER or candidate in resolved:
                 continue
@@ -146,7 +149,9 @@ class OnnxRunner:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
             except Exception as exc:  # onnxruntime raises its own pybind exception types
                 raise ModelFailed(f"ONNX Runtime cannot load model {manifest.id!r}: {exc}") from exc
-            log.info("loaded model %s %s on %s", manifest.id, manifest.version, ",".join(session.get_providers()))
+            log.info(
+                "loaded model %s %s on %s", manifest.id, manifest.version, ",".join(session.get_providers())
+            )
             self._sessions[manifest.id] = (manifest.sha256, session)
             return session
 

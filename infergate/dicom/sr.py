@@ -267,9 +267,10 @@ def build_sr(
     TypeError
         An argument or an item has the wrong type.
     ValueError
-        ``measurements`` without ``seg``, a segment number that ``seg`` lacks, a label or class
-        not in the manifest, a negative or non-finite volume, a probability outside [0, 1],
-        ``findings`` for a manifest without ``finding``, or a malformed UID or number.
+        Neither ``measurements`` nor ``findings``, ``measurements`` without ``seg``, a segment
+        number that ``seg`` lacks, a label or class not in the manifest, a negative or
+        non-finite volume, a probability outside [0, 1], ``findings`` for a manifest without
+        ``finding``, or a malformed UID or number.
     """
     if not isinstance(manifest, ModelManifest):
         raise TypeError(f'Argument "manifest" should be a ModelManifest, not {type(manifest).__name__}.')
@@ -282,6 +283,11 @@ def build_sr(
     require_positive_int(series_number, "series_number")
     require_positive_int(instance_number, "instance_number")
     sources = _check_sources(source_datasets)
+    for argument, value in (("measurements", measurements), ("findings", findings)):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise TypeError(f'Argument "{argument}" should be a sequence.')
+    if not measurements and not findings:
+        raise ValueError('Arguments "measurements" and "findings" should not both be empty.')
     if measurements and seg is None:
         raise ValueError('Argument "seg" is required when "measurements" is not empty.')
 

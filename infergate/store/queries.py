@@ -33,9 +33,15 @@ def insert_ignore(session: Session, table: type[Base], values: dict[str, Any], c
     """Insert a row unless one with the same ``conflict_columns`` exists; True if inserted."""
     dialect = session.get_bind().dialect.name
     module: Any = postgresql if dialect == "postgresql" else sqlite
-    stmt = module.insert(table).values(**values).on_conflict_do_nothing(index_elements=conflict_columns)
-    result = session.execute(stmt)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    # RETURNING tells whether a row was inserted; rowcount cannot: psycopg reports -1 for an
+    # INSERT ... ON CONFLICT DO NOTHING RETURNING that SQLAlchemy emits implicitly.
+    stmt = (
+        module.insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+        .returning(*table.__table__.primary_key.columns)
+    )
+    return session.execute(stmt).first() is not None
 
 
 def get_or_create_study(session: Session, study_instance_uid: str) -> int:

@@ -61,6 +61,7 @@ class HighDensityNet(nn.Module):
         self.logits = nn.Linear(1, 2)
         gain = WINDOW_WIDTH_HU / LOGISTIC_SCALE_HU
         half = LOGIT_SLOPE / 2.0
+        assert self.threshold.bias is not None
         with torch.no_grad():
             self.threshold.weight.fill_(gain)
             self.threshold.bias.fill_(-gain * hu_to_unit(HIGH_DENSITY_MIN_HU))
@@ -79,7 +80,8 @@ def manifest(sha256: str) -> dict[str, object]:
         "name": "CT high-density structure present (demonstration)",
         "description": (
             "Demonstration model with analytically set weights: class 1 when at least "
-            f"{FRACTION_AT_DECISION:.1%} of the resampled field of view is above {HIGH_DENSITY_MIN_HU:.0f} HU "
+            f"{FRACTION_AT_DECISION:.1%} of the resampled field of view is above "
+            f"{HIGH_DENSITY_MIN_HU:.0f} HU "
             "(bone, but also dense contrast or metal). Not for clinical use."
         ),
         "task": "classification",
@@ -116,7 +118,7 @@ def manifest(sha256: str) -> dict[str, object]:
 def export(net: nn.Module, path: Path) -> None:
     example = torch.rand(1, 1, 16, 32, 32)
     # The TorchScript exporter is chosen on purpose (dynamic_axes, opset 17, no onnxscript needed).
-    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", ".*legacy TorchScript-based ONNX export", DeprecationWarning)
     torch.onnx.export(
         net,
         (example,),
@@ -147,8 +149,8 @@ def verify(net: nn.Module, path: Path) -> float:
     if actual.shape != expected.shape:
         raise SystemExit(f"ONNX output shape {actual.shape} differs from torch {expected.shape}")
     difference = float(np.max(np.abs(actual - expected)))
-    print(f"{MODEL_ID}: largest |logit| {np.max(np.abs(expected)):.1f}; relative difference "
-          f"{difference / np.max(np.abs(expected)):.2g}")
+    largest = float(np.max(np.abs(expected)))
+    print(f"{MODEL_ID}: largest |logit| {largest:.1f}; relative difference {difference / largest:.2g}")  # noqa: T201
     return difference
 
 
@@ -157,14 +159,15 @@ def main() -> None:
     onnx_path = HERE / "model.onnx"
     export(net, onnx_path)
     difference = verify(net, onnx_path)
-    print(f"{MODEL_ID}: max |torch - onnxruntime| = {difference:.3g}")
+    print(f"{MODEL_ID}: max |torch - onnxruntime| = {difference:.3g}")  # noqa: T201
     if difference > 1e-3:
         raise SystemExit("ONNX Runtime disagrees with torch")
     sha256 = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     content = manifest(sha256)
     ModelManifest.model_validate(content)  # refuse to write a manifest the worker would reject
     (HERE / "manifest.json").write_text(json.dumps(content, indent=2) + "\n")
-    print(f"{MODEL_ID}: wrote {onnx_path.name} ({onnx_path.stat().st_size} bytes, sha256 {sha256})")
+    size = onnx_path.stat().st_size
+    print(f"{MODEL_ID}: wrote {onnx_path.name} ({size} bytes, sha256 {sha256})")  # noqa: T201
 
 
 if __name__ == "__main__":

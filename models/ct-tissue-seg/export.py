@@ -60,6 +60,7 @@ class TissueNet(nn.Module):
         self.classes = nn.Conv3d(2, 3, kernel_size=1)
         self.smooth = nn.Conv3d(3, 3, kernel_size=3, padding=1, groups=3, bias=False)
         gain = WINDOW_WIDTH_HU / LOGISTIC_SCALE_HU  # logistic slope per input unit
+        assert self.thresholds.bias is not None and self.classes.bias is not None
         with torch.no_grad():
             self.thresholds.weight.copy_(torch.full((2, 1, 1, 1, 1), gain))
             self.thresholds.bias.copy_(
@@ -123,7 +124,7 @@ def export(net: nn.Module, path: Path) -> None:
     example = torch.rand(1, 1, 16, 32, 32)
     spatial = {0: "batch", 2: "depth", 3: "height", 4: "width"}
     # The TorchScript exporter is chosen on purpose (dynamic_axes, opset 17, no onnxscript needed).
-    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", ".*legacy TorchScript-based ONNX export", DeprecationWarning)
     torch.onnx.export(
         net,
         (example,),
@@ -154,14 +155,15 @@ def main() -> None:
     onnx_path = HERE / "model.onnx"
     export(net, onnx_path)
     difference = verify(net, onnx_path)
-    print(f"{MODEL_ID}: max |torch - onnxruntime| = {difference:.3g}")
+    print(f"{MODEL_ID}: max |torch - onnxruntime| = {difference:.3g}")  # noqa: T201
     if difference > 1e-4:
         raise SystemExit("ONNX Runtime disagrees with torch")
     sha256 = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     content = manifest(sha256)
     ModelManifest.model_validate(content)  # refuse to write a manifest the worker would reject
     (HERE / "manifest.json").write_text(json.dumps(content, indent=2) + "\n")
-    print(f"{MODEL_ID}: wrote {onnx_path.name} ({onnx_path.stat().st_size} bytes, sha256 {sha256})")
+    size = onnx_path.stat().st_size
+    print(f"{MODEL_ID}: wrote {onnx_path.name} ({size} bytes, sha256 {sha256})")  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import pydicom.uid as uids
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -35,12 +36,19 @@ from pydicom.uid import (
     JPEGLSLossless,
     MRImageStorage,
     RLELossless,
-    UID,
     generate_uid,
 )
 
 __all__ = [
     "COMPRESSED_SYNTAXES",
+    "CT_INTERCEPT",
+    "HU_AIR",
+    "HU_BONE",
+    "HU_LUNG",
+    "HU_SOFT_TISSUE",
+    "LABEL_BONE",
+    "LABEL_BRAIN",
+    "LABEL_SOFT_TISSUE",
     "SUPPORTED_SYNTAXES",
     "SeriesInfo",
     "ct_phantom_hu",
@@ -86,7 +94,7 @@ class SeriesInfo:
     transfer_syntax: str = ExplicitVRLittleEndian
 
 
-# Phantom geometry ---------------------------------------------------------------------------------------------
+# Phantom geometry -------------------------------------------------------------------------------------------
 # Shapes are defined in fractions of the field of view (u right->left, v anterior->posterior, both in
 # [-0.5, 0.5]), so the labels depend only on the matrix size and slice count, never on the spacing.
 
@@ -113,7 +121,9 @@ def _check_dims(slices: int, size: int) -> None:
         raise ValueError('Argument "size" should be an integer of at least 16.')
 
 
-def _ct_masks(index: int, slices: int, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ct_masks(
+    index: int, slices: int, u: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Body, lung and bone masks of one CT slice; the single source of truth for pixels and labels."""
     t = _position_along(index, slices)
     body_scale = 1.0 + 0.03 * np.sin(2.0 * np.pi * t)
@@ -121,14 +131,18 @@ def _ct_masks(index: int, slices: int, u: np.ndarray, v: np.ndarray) -> tuple[np
     body = _ellipse(u, v, 0.0, 0.02, 0.40 * body_scale, 0.28 * body_scale)
     bone = _ellipse(u, v, 0.0, 0.19, 0.045, 0.045) & body  # vertebral body, posterior (+v is posterior)
     lungs = (
-        _ellipse(u, v, -0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale)
-        | _ellipse(u, v, 0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale)
-    ) & body & ~bone
+        (
+            _ellipse(u, v, -0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale)
+            | _ellipse(u, v, 0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale)
+        )
+        & body
+        & ~bone
+    )
     return body, lungs, bone
 
 
 def ct_phantom_labels(slices: int, size: int) -> np.ndarray:
-    """Ground truth of the CT phantom written by :func:`write_ct_series` with the same ``slices`` and ``size``.
+    """Ground truth of the CT phantom that :func:`write_ct_series` writes with these ``slices`` and ``size``.
 
     Returns
     -------
@@ -178,8 +192,14 @@ def _mr_masks(index: int, slices: int, u: np.ndarray, v: np.ndarray) -> dict[str
         _ellipse(u, v, -0.05 * scale, -0.02, 0.03 * scale, 0.10 * scale)
         | _ellipse(u, v, 0.05 * scale, -0.02, 0.03 * scale, 0.10 * scale)
     ) & brain
-    return {"scalp": head & ~inner_skull, "skull": inner_skull & ~brain, "grey": brain & ~white,
-            "white": white & ~csf, "csf": csf, "brain": brain}
+    return {
+        "scalp": head & ~inner_skull,
+        "skull": inner_skull & ~brain,
+        "grey": brain & ~white,
+        "white": white & ~csf,
+        "csf": csf,
+        "brain": brain,
+    }
 
 
 #: T1-weighted signal per tissue: fat bright, white matter brighter than grey, CSF and cortical bone dark.
@@ -187,10 +207,11 @@ _MR_SIGNAL = {"scalp": 900.0, "skull": 60.0, "grey": 520.0, "white": 720.0, "csf
 
 
 def mr_phantom_labels(slices: int, size: int) -> np.ndarray:
-    """Brain mask (``1`` inside the skull: grey and white matter and ventricles) of :func:`write_mr_series`."""
+    """Brain mask (``1`` inside the skull: grey and white matter, ventricles) of :func:`write_mr_series`."""
     _check_dims(slices, size)
     u, v = _plane_grid(size)
-    return np.stack([_mr_masks(i, slices, u, v)["brain"] for i in range(slices)]).astype(np.uint8)
+    brain = np.stack([_mr_masks(i, slices, u, v)["brain"] for i in range(slices)])
+    return np.where(brain, LABEL_BRAIN, 0).astype(np.uint8)
 
 
 def _mr_signal(slices: int, size: int, *, seed: int, noise_sd: float = 15.0) -> np.ndarray:
@@ -208,7 +229,7 @@ def _mr_signal(slices: int, size: int, *, seed: int, noise_sd: float = 15.0) -> 
     return volume
 
 
-# Headers -------------------------------------------------------------------------------------------------------
+# Headers ----------------------------------------------------------------------------------------------------
 
 
 def _uid(*parts: object) -> UID:
@@ -235,7 +256,7 @@ def _common_header(
     body_part: str,
     seed: int,
 ) -> Dataset:
-    """Patient, General Study, General Series, Frame of Reference, General Equipment and SOP Common modules."""
+    """Patient, General Study and Series, Frame of Reference, General Equipment and SOP Common modules."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class_uid
@@ -314,7 +335,7 @@ def _mr_header(ds: Dataset, *, slice_thickness: float, slice_spacing: float) -> 
     ds.SpacingBetweenSlices = _ds(slice_spacing)
 
 
-# Writing -------------------------------------------------------------------------------------------------------
+# Writing ----------------------------------------------------------------------------------------------------
 
 
 def _check_syntax(transfer_syntax: str) -> UID:
@@ -348,8 +369,7 @@ def _write_slices(
     sop_instance_uids: list[str] = []
     paths: list[Path] = []
     for index in range(slices):
-        ds = Dataset()
-        ds.update(template)
+        ds = header()  # a fresh header per file: datasets sharing element objects would alias their values
         sop_instance_uid = _uid(template.SeriesInstanceUID, seed, "instance", index)
         ds.SOPInstanceUID = sop_instance_uid
         ds.InstanceNumber = index + 1
@@ -437,14 +457,23 @@ def write_ct_series(
     syntax = _check_syntax(transfer_syntax)
     study = study_uid or _uid("CT", seed, patient_id, "study")
     # the content depends on these, so a different series must not reuse the UIDs (PS3.5 9.1)
-    series = series_uid or _uid("CT", seed, study, "series", series_number, slices, size, slice_spacing, pixel_spacing)
+    series = series_uid or _uid(
+        "CT", seed, study, "series", series_number, slices, size, slice_spacing, pixel_spacing
+    )
 
     def header() -> Dataset:
         ds = _common_header(
-            modality="CT", sop_class_uid=CTImageStorage, patient_name=patient_name,
-            patient_id=patient_id or f"PHANTOM-CT-{seed}", study_uid=study, series_uid=series,
-            frame_of_reference_uid=_uid(series, "frame-of-reference"), series_number=series_number,
-            series_description=series_description, body_part=body_part, seed=seed,
+            modality="CT",
+            sop_class_uid=CTImageStorage,
+            patient_name=patient_name,
+            patient_id=patient_id or f"PHANTOM-CT-{seed}",
+            study_uid=study,
+            series_uid=series,
+            frame_of_reference_uid=_uid(series, "frame-of-reference"),
+            series_number=series_number,
+            series_description=series_description,
+            body_part=body_part,
+            seed=seed,
         )
         _ct_header(ds, size=size, pixel_spacing=pixel_spacing, slice_thickness=slice_spacing)
         return ds
@@ -452,8 +481,15 @@ def write_ct_series(
     hu = ct_phantom_hu(slices, size, seed=seed)
     stored = np.clip(np.rint(hu) - CT_INTERCEPT, 0, 4095).astype(np.uint16)
     return _write_slices(
-        Path(folder), prefix="CT", header=header, stored=stored, orientation="axial",
-        pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, transfer_syntax=syntax, seed=seed,
+        Path(folder),
+        prefix="CT",
+        header=header,
+        stored=stored,
+        orientation="axial",
+        pixel_spacing=pixel_spacing,
+        slice_spacing=slice_spacing,
+        transfer_syntax=syntax,
+        seed=seed,
     )
 
 
@@ -497,18 +533,32 @@ def write_mr_series(
 
     def header() -> Dataset:
         ds = _common_header(
-            modality="MR", sop_class_uid=MRImageStorage, patient_name=patient_name,
-            patient_id=patient_id or f"PHANTOM-MR-{seed}", study_uid=study, series_uid=series,
-            frame_of_reference_uid=_uid(series, "frame-of-reference"), series_number=series_number,
-            series_description=series_description, body_part=body_part, seed=seed,
+            modality="MR",
+            sop_class_uid=MRImageStorage,
+            patient_name=patient_name,
+            patient_id=patient_id or f"PHANTOM-MR-{seed}",
+            study_uid=study,
+            series_uid=series,
+            frame_of_reference_uid=_uid(series, "frame-of-reference"),
+            series_number=series_number,
+            series_description=series_description,
+            body_part=body_part,
+            seed=seed,
         )
         _mr_header(ds, slice_thickness=thickness, slice_spacing=slice_spacing)
         return ds
 
     stored = np.clip(np.rint(_mr_signal(slices, size, seed=seed)), 0, 4095).astype(np.uint16)
     return _write_slices(
-        Path(folder), prefix="MR", header=header, stored=stored, orientation=orientation,
-        pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, transfer_syntax=syntax, seed=seed,
+        Path(folder),
+        prefix="MR",
+        header=header,
+        stored=stored,
+        orientation=orientation,
+        pixel_spacing=pixel_spacing,
+        slice_spacing=slice_spacing,
+        transfer_syntax=syntax,
+        seed=seed,
     )
 
 
@@ -520,19 +570,27 @@ def _syntax_from_name(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints where the series went."""
-    parser = argparse.ArgumentParser(prog="python -m tests.data.make_series", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.data.make_series", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("kind", choices=["ct", "mr"])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--slices", type=int)
     parser.add_argument("--size", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--study-uid")
-    parser.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian",
-                        help="UID or pydicom keyword, e.g. RLELossless, JPEG2000Lossless, JPEGLSLossless")
+    parser.add_argument(
+        "--transfer-syntax",
+        default="ExplicitVRLittleEndian",
+        help="UID or pydicom keyword, e.g. RLELossless, JPEG2000Lossless, JPEGLSLossless",
+    )
     parser.add_argument("--orientation", choices=sorted(_ORIENTATIONS), default="axial", help="MR only")
     args = parser.parse_args(argv)
-    common: dict[str, object] = {"seed": args.seed, "study_uid": args.study_uid,
-                                 "transfer_syntax": _syntax_from_name(args.transfer_syntax)}
+    common: dict[str, object] = {
+        "seed": args.seed,
+        "study_uid": args.study_uid,
+        "transfer_syntax": _syntax_from_name(args.transfer_syntax),
+    }
     if args.slices is not None:
         common["slices"] = args.slices
     if args.size is not None:
@@ -541,9 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         info = write_ct_series(args.out, **common)  # type: ignore[arg-type]
     else:
         info = write_mr_series(args.out, orientation=args.orientation, **common)  # type: ignore[arg-type]
-    print(f"{len(info.paths)} files in {info.folder}")
-    print(f"StudyInstanceUID  {info.study_uid}")
-    print(f"SeriesInstanceUID {info.series_uid}")
+    print(f"{len(info.paths)} files in {info.folder}")  # noqa: T201 (command-line output)
+    print(f"StudyInstanceUID  {info.study_uid}")  # noqa: T201 (command-line output)
+    print(f"SeriesInstanceUID {info.series_uid}")  # noqa: T201 (command-line output)
     return 0
 
 

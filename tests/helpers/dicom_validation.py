@@ -1,4 +1,5 @@
-"""Run dicom3tools' ``dciodvfy`` on written objects (STYLE.md: check every written object).
+"""Run dicom3tools' ``dciodvfy`` and DCMTK's ``dsrdump`` on written objects (STYLE.md: check every
+written object).
 
 ``dciodvfy`` checks a Part 10 file against the IOD, module and attribute rules of the Standard
 its build knows; it prints ``Error - ...`` for violations and ``Warning - ...`` for things
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["dciodvfy_errors", "dciodvfy_lines", "dciodvfy_warnings", "require_tool"]
+__all__ = ["dciodvfy_errors", "dciodvfy_lines", "dciodvfy_warnings", "dsrdump", "require_tool"]
 
 
 def require_tool(name: str) -> str:
@@ -41,3 +42,17 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def dciodvfy_warnings(path: Path) -> list[str]:
     """The ``Warning`` lines ``dciodvfy`` prints about the file at ``path``."""
     return [line for line in dciodvfy_lines(path) if "Warning" in line]
+
+
+def dsrdump(path: Path) -> str:
+    """DCMTK's rendering of the SR at ``path``; fails the test if dsrdump rejects or warns about it.
+
+    dsrdump checks the content tree against the SR IOD's relationship constraints while it
+    reads, which dciodvfy does not do, and prints ``W:``/``E:`` lines on stderr when it objects.
+    """
+    completed = subprocess.run(
+        [require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr.strip() == "", completed.stderr
+    return completed.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -63,15 +64,24 @@ def test_orthanc_receives_a_ct_series_from_storescu_and_stops_cleanly(tmp_path: 
     assert "Orthanc has stopped" in pacs.log_text()
 
 
-def test_lua_autoroute_forwards_images_but_not_what_the_node_sends(tmp_path: Path) -> None:
-    # A second Orthanc plays the inference node, so the routing script is tested without infergate.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOCKER_AUTOROUTE = REPO_ROOT / "docker" / "orthanc" / "autoroute.lua"
+
+
+@pytest.mark.parametrize("script", ["generated", "docker"])
+def test_lua_autoroute_forwards_images_but_not_what_the_node_sends(tmp_path: Path, script: str) -> None:
+    """Both the helper's generated script and docker/orthanc/autoroute.lua (the compose PACS) route alike.
+
+    A second Orthanc plays the inference node (AE INFERGATE), so the routing is tested without infergate.
+    """
     series = write_ct_series(tmp_path / "ct", slices=3, size=64, seed=4)
-    with Orthanc(tmp_path / "node", aet="INFERGATE") as node:
-        modalities = {"node": ["INFERGATE", LOOPBACK, node.dicom_port]}
-        with Orthanc(
-            tmp_path / "pacs", aet="PACS", modalities=modalities, autoroute_to="node",
-            autoroute_skip_calling_aet="INFERGATE", dicomweb=False,
-        ) as pacs:
+    with Orthanc(tmp_path / "node", aet="INFERGATE", dicomweb=False) as node:
+        modalities: dict[str, list[str | int]] = {"infergate": ["INFERGATE", LOOPBACK, node.dicom_port]}
+        if script == "generated":
+            routing: dict[str, Any] = {"autoroute_to": "infergate", "autoroute_skip_calling_aet": "INFERGATE"}
+        else:
+            routing = {"extra_config": {"LuaScripts": [str(DOCKER_AUTOROUTE)]}}
+        with Orthanc(tmp_path / "pacs", aet="PACS", modalities=modalities, dicomweb=False, **routing) as pacs:
             assert run_storescu(series.folder, port=pacs.dicom_port, aec="PACS").returncode == 0
             assert len(node.wait_for_instances(3, timeout=30)) == 3
 
@@ -79,15 +89,15 @@ def test_lua_autoroute_forwards_images_but_not_what_the_node_sends(tmp_path: Pat
             sent = run_storescu(from_node.folder, port=pacs.dicom_port, aet="INFERGATE", aec="PACS")
             assert sent.returncode == 0
             assert len(pacs.find("Instance", {"SeriesInstanceUID": from_node.series_uid})) == 2
-            # the script only reads Modality, so a CT image relabelled as SEG stands in for a result object
+            # the scripts only read Modality, so a CT image relabelled as SEG stands in for a result object
             seg_like = pydicom.dcmread(series.paths[0])
             seg_like.Modality = "SEG"
-            seg_like.SeriesInstanceUID = seg_like.SOPInstanceUID = seg_like.file_meta.MediaStorageSOPInstanceUID = (
-                pydicom.uid.generate_uid(entropy_srcs=["test_peers", "seg-like"])
-            )
+            seg_like.SeriesInstanceUID = seg_like.SOPInstanceUID = (
+                seg_like.file_meta.MediaStorageSOPInstanceUID
+            ) = pydicom.uid.generate_uid(entropy_srcs=["test_peers", "seg-like"])
             seg_like.save_as(tmp_path / "seg-like.dcm")
             assert run_storescu([tmp_path / "seg-like.dcm"], port=pacs.dicom_port, aec="PACS").returncode == 0
-            # Lua handles stored instances in order: once a later marker arrived, the skipped ones would have too
+            # Lua handles stored instances in order: once a later marker arrived, skipped ones would have too
             marker = write_ct_series(tmp_path / "marker", slices=1, size=64, seed=6)
             assert run_storescu(marker.folder, port=pacs.dicom_port, aec="PACS").returncode == 0
             node.wait_for_instances(1, {"SeriesInstanceUID": marker.series_uid}, timeout=30)

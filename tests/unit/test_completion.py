@@ -14,8 +14,17 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.completion import complete_quiet_series
-from infergate.manifest import Accepts, ClassLabel, Code, ModelManifest, ModelPackage, Preprocess, SegmentLabel, Window
-from infergate.manifest import load_all
+from infergate.manifest import (
+    Accepts,
+    ClassLabel,
+    Code,
+    ModelManifest,
+    ModelPackage,
+    Preprocess,
+    SegmentLabel,
+    Window,
+    load_all,
+)
 from infergate.reconcile import reconcile
 from infergate.routing import RoutingRules, load_rules
 from infergate.store import queries
@@ -60,12 +69,19 @@ def _fake_packages(folder: Path) -> dict[str, ModelPackage]:
         "preprocess": Preprocess(window=Window(center=40, width=400)),
     }
     seg = ModelManifest(
-        id="ct-tissue-seg", name="seg", task="segmentation",
-        labels=[SegmentLabel(value=1, name="Tissue", category=code, type=code)], **common,
+        id="ct-tissue-seg",
+        name="seg",
+        task="segmentation",
+        labels=[SegmentLabel(value=1, name="Tissue", category=code, type=code)],
+        **common,
     )
     cls = ModelManifest(
-        id="ct-bone-classifier", name="cls", task="classification", finding=code,
-        classes=[ClassLabel(index=0, name="no", code=code), ClassLabel(index=1, name="yes", code=code)], **common,
+        id="ct-bone-classifier",
+        name="cls",
+        task="classification",
+        finding=code,
+        classes=[ClassLabel(index=0, name="no", code=code), ClassLabel(index=1, name="yes", code=code)],
+        **common,
     )
     return {m.id: ModelPackage(manifest=m, folder=folder) for m in (seg, cls)}
 
@@ -168,7 +184,12 @@ def test_series_still_receiving_is_not_routed(
 
 @pytest.mark.parametrize(
     ("modality", "instances", "image_type"),
-    [("MR", 20, "ORIGINAL\\PRIMARY"), ("CT", 3, "ORIGINAL\\PRIMARY"), ("CT", 20, "DERIVED\\SECONDARY"), ("CT", 20, None)],
+    [
+        ("MR", 20, "ORIGINAL\\PRIMARY"),
+        ("CT", 3, "ORIGINAL\\PRIMARY"),
+        ("CT", 20, "DERIVED\\SECONDARY"),
+        ("CT", 20, None),
+    ],
 )
 def test_series_no_rule_matches_is_unmatched(
     session_factory: sessionmaker[Session],
@@ -178,7 +199,9 @@ def test_series_no_rule_matches_is_unmatched(
     instances: int,
     image_type: str | None,
 ) -> None:
-    series_id = _series(session_factory, "1.2.3.3", modality=modality, instances=instances, image_type=image_type)
+    series_id = _series(
+        session_factory, "1.2.3.3", modality=modality, instances=instances, image_type=image_type
+    )
     queue = RecordingQueue()
     routed = complete_quiet_series(session_factory, queue, quiet=QUIET, rules=rules, packages=packages)
     assert [(r.series_id, r.models, r.job_ids) for r in routed] == [(series_id, [], [])]

@@ -30,8 +30,12 @@ SLICES, SIZE, SLICE_SPACING, PIXEL_SPACING = 12, 128, 2.5, 3.2
 @pytest.fixture(scope="module")
 def ct(tmp_path_factory: pytest.TempPathFactory) -> SeriesInfo:
     return write_ct_series(
-        tmp_path_factory.mktemp("ct"), slices=SLICES, size=SIZE, slice_spacing=SLICE_SPACING,
-        pixel_spacing=PIXEL_SPACING, seed=7,
+        tmp_path_factory.mktemp("ct"),
+        slices=SLICES,
+        size=SIZE,
+        slice_spacing=SLICE_SPACING,
+        pixel_spacing=PIXEL_SPACING,
+        seed=7,
     )
 
 
@@ -108,12 +112,18 @@ def test_ct_passes_dciodvfy(ct: SeriesInfo) -> None:
 
 def test_same_seed_same_files_other_geometry_other_uids(tmp_path: Path, ct: SeriesInfo) -> None:
     again = write_ct_series(
-        tmp_path / "again", slices=SLICES, size=SIZE, slice_spacing=SLICE_SPACING, pixel_spacing=PIXEL_SPACING,
+        tmp_path / "again",
+        slices=SLICES,
+        size=SIZE,
+        slice_spacing=SLICE_SPACING,
+        pixel_spacing=PIXEL_SPACING,
         seed=7,
     )
     assert again.sop_instance_uids == ct.sop_instance_uids
     assert again.paths[3].read_bytes() == ct.paths[3].read_bytes()
-    other = write_ct_series(tmp_path / "other", slices=SLICES + 1, size=SIZE, pixel_spacing=PIXEL_SPACING, seed=7)
+    other = write_ct_series(
+        tmp_path / "other", slices=SLICES + 1, size=SIZE, pixel_spacing=PIXEL_SPACING, seed=7
+    )
     assert other.study_uid == ct.study_uid  # same seed, same phantom patient and study
     assert other.series_uid != ct.series_uid and not set(other.sop_instance_uids) & set(ct.sop_instance_uids)
     shared = write_ct_series(tmp_path / "shared", slices=2, size=32, study_uid=ct.study_uid, seed=99)
@@ -123,8 +133,13 @@ def test_same_seed_same_files_other_geometry_other_uids(tmp_path: Path, ct: Seri
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
 def test_compressed_output_is_lossless(tmp_path: Path, ct: SeriesInfo, syntax: UID) -> None:
     packed = write_ct_series(
-        tmp_path, slices=SLICES, size=SIZE, slice_spacing=SLICE_SPACING, pixel_spacing=PIXEL_SPACING,
-        transfer_syntax=syntax, seed=7,
+        tmp_path,
+        slices=SLICES,
+        size=SIZE,
+        slice_spacing=SLICE_SPACING,
+        pixel_spacing=PIXEL_SPACING,
+        transfer_syntax=syntax,
+        seed=7,
     )
     ds = pydicom.dcmread(packed.paths[5])
     assert ds.file_meta.TransferSyntaxUID == syntax

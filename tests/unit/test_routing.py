@@ -17,7 +17,11 @@ MODELS_DIR = REPO_ROOT / "models"
 
 def _installed_models() -> set[str] | None:
     """Ids of the model folders that have a manifest, or None while there are none yet."""
-    found = {p.name for p in MODELS_DIR.iterdir() if (p / "manifest.json").is_file()} if MODELS_DIR.is_dir() else set()
+    found = (
+        {p.name for p in MODELS_DIR.iterdir() if (p / "manifest.json").is_file()}
+        if MODELS_DIR.is_dir()
+        else set()
+    )
     return found or None
 
 
@@ -76,7 +80,15 @@ def test_empty_match_matches_everything() -> None:
         ({"calling_ae": ["OTHER"]}, False),
         ({"called_ae": ["INFERGATE"]}, True),
         ({"called_ae": ["OTHER"]}, False),
-        ({"modality": ["CT"], "min_slices": 8, "image_type": ["ORIGINAL"], "body_part_examined": ["CHEST"]}, True),
+        (
+            {
+                "modality": ["CT"],
+                "min_slices": 8,
+                "image_type": ["ORIGINAL"],
+                "body_part_examined": ["CHEST"],
+            },
+            True,
+        ),
         ({"modality": ["CT"], "min_slices": 8, "image_type": ["DERIVED"]}, False),  # all criteria must hold
     ],
 )
@@ -126,8 +138,13 @@ RULES = {
 @pytest.mark.parametrize("name", ["rules.yaml", "rules.yml", "rules.json"])
 def test_yaml_and_json_load_alike(tmp_path: Path, name: str) -> None:
     rules = load_rules(_write(tmp_path / name, RULES), known_models={"seg", "cls"})
-    assert rules.rules == [Rule(name="CT body", match=Match(modality=["CT"], series_description="(?i)chest",
-                                                            min_slices=8), models=["seg", "cls"])]
+    assert rules.rules == [
+        Rule(
+            name="CT body",
+            match=Match(modality=["CT"], series_description="(?i)chest", min_slices=8),
+            models=["seg", "cls"],
+        )
+    ]
     assert rules.route(CT) == (["seg", "cls"], ["CT body"])
 
 

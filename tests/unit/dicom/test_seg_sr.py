@@ -6,7 +6,6 @@ also rendered with DCMTK's ``dsrdump``. Source images are synthetic CT slices ma
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -27,11 +26,10 @@ import infergate
 from infergate.dicom.seg import build_seg, segment_tracking_uid
 from infergate.dicom.sr import ClassificationFinding, SegmentMeasurement, build_sr, device_observer_uid
 from infergate.dicom.uids import derived_uid
-from infergate.manifest import ModelManifest
-from tests.helpers.dicom_validation import dciodvfy_errors, require_tool
+from infergate.manifest import Accepts, ClassLabel, Code, ModelManifest, Preprocess, SegmentLabel
+from tests.helpers.dicom_validation import dciodvfy_errors, dsrdump
 
 N_SLICES, ROWS, COLUMNS = 8, 32, 32
-TISSUE = {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
 
 
 def ct_series(n_slices: int = N_SLICES, rows: int = ROWS, columns: int = COLUMNS) -> list[Dataset]:
@@ -75,15 +73,9 @@ def dx_image() -> Dataset:
     """A digital radiograph: no frame of reference, so no patient coordinate system."""
     ds = ct_series(1)[0]
     for keyword in (
-        "FrameOfReferenceUID",
-        "PositionReferenceIndicator",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "PixelSpacing",
-        "SliceThickness",
-        "KVP",
-        "RescaleType",
-    ):
+        "FrameOfReferenceUID PositionReferenceIndicator ImagePositionPatient ImageOrientationPatient "
+        "PixelSpacing SliceThickness KVP RescaleType"
+    ).split():
         delattr(ds, keyword)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     ds.Modality, ds.ImageType, ds.PresentationIntentType = "DX", ["ORIGINAL", "PRIMARY"], "FOR PRESENTATION"
@@ -92,57 +84,56 @@ def dx_image() -> Dataset:
     return ds
 
 
+def sct(value: str, meaning: str) -> Code:
+    return Code(value=value, scheme="SCT", meaning=meaning)
+
+
 def seg_manifest(values: tuple[int, int] = (1, 2)) -> ModelManifest:
-    return ModelManifest.model_validate(
-        {
-            "id": "ct-tissue",
-            "version": "1.0.0",
-            "name": "CT tissue",
-            "task": "segmentation",
-            "sha256": "0" * 64,
-            "accepts": {"modalities": ["CT"]},
-            "preprocess": {"intensity": "none"},
-            "labels": [
-                {
-                    "value": values[0],
-                    "name": "Soft tissue",
-                    "category": TISSUE,
-                    "type": {"value": "87784001", "scheme": "SCT", "meaning": "Soft tissue"},
-                    "color": (220, 140, 100),
-                },
-                {
-                    "value": values[1],
-                    "name": "Bone",
-                    "category": TISSUE,
-                    "type": {"value": "272673000", "scheme": "SCT", "meaning": "Bone"},
-                    "anatomic_region": {"value": "818981001", "scheme": "SCT", "meaning": "Abdomen"},
-                    "color": (255, 255, 230),
-                },
-            ],
-        }
+    tissue = sct("85756007", "Tissue")
+    return ModelManifest(
+        id="ct-tissue",
+        version="1.0.0",
+        name="CT tissue",
+        task="segmentation",
+        sha256="0" * 64,
+        accepts=Accepts(modalities=["CT"]),
+        preprocess=Preprocess(intensity="none"),
+        labels=[
+            SegmentLabel(
+                value=values[0],
+                name="Soft tissue",
+                category=tissue,
+                type=sct("87784001", "Soft tissue"),
+                color=(220, 140, 100),
+            ),
+            SegmentLabel(
+                value=values[1],
+                name="Bone",
+                category=tissue,
+                type=sct("272673000", "Bone"),
+                anatomic_region=sct("818981001", "Abdomen"),
+                color=(255, 255, 230),
+            ),
+        ],
     )
 
 
 def class_manifest() -> ModelManifest:
-    absent = {"value": "272519000", "scheme": "SCT", "meaning": "Absent"}
-    present = {"value": "52101004", "scheme": "SCT", "meaning": "Present"}
-    return ModelManifest.model_validate(
-        {
-            "id": "ct-pneumothorax",
-            "version": "2.1",
-            "name": "CT pneumothorax",
-            "task": "classification",
-            "sha256": "0" * 64,
-            "accepts": {"modalities": ["CT"]},
-            "preprocess": {"intensity": "none"},
-            "classes": [
-                {"index": 0, "name": "No pneumothorax", "code": absent},
-                {"index": 1, "name": "Pneumothorax", "code": present},
-            ],
-            "finding": {"value": "36118008", "scheme": "SCT", "meaning": "Pneumothorax"},
-            "threshold": 0.5,
-            "positive_class": 1,
-        }
+    return ModelManifest(
+        id="ct-pneumothorax",
+        version="2.1",
+        name="CT pneumothorax",
+        task="classification",
+        sha256="0" * 64,
+        accepts=Accepts(modalities=["CT"]),
+        preprocess=Preprocess(intensity="none"),
+        classes=[
+            ClassLabel(index=0, name="No pneumothorax", code=sct("272519000", "Absent")),
+            ClassLabel(index=1, name="Pneumothorax", code=sct("52101004", "Present")),
+        ],
+        finding=sct("36118008", "Pneumothorax"),
+        threshold=0.5,
+        positive_class=1,
     )
 
 
@@ -178,15 +169,6 @@ def read_segments(path: Path, sources: list[Dataset], n_segments: int) -> np.nda
         segment_numbers=list(range(1, n_segments + 1)),
         assert_missing_frames_are_empty=True,
     )
-
-
-def dsrdump(path: Path) -> str:
-    completed = subprocess.run(
-        [require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert "Warning" not in completed.stderr and "Error" not in completed.stderr, completed.stderr
-    return completed.stdout
 
 
 # --- SEG ---------------------------------------------------------------------------------------
@@ -481,6 +463,8 @@ def test_sr_rejects_inconsistent_input() -> None:
     sources, manifest = ct_series(), seg_manifest()
     seg = make_seg(sources, label_map(), manifest)
     label = manifest.labels[0]
+    with pytest.raises(ValueError, match='"measurements" and "findings"'):
+        make_sr(sources, manifest, seg=seg)
     with pytest.raises(ValueError, match='"seg"'):
         make_sr(sources, manifest, measurements=[SegmentMeasurement(1, label, 1.0)])
     with pytest.raises(ValueError, match='"measurements"'):
@@ -497,3 +481,15 @@ def test_sr_rejects_inconsistent_input() -> None:
         make_sr(sources, classes, findings=[ClassificationFinding(foreign, 0.5)])
     with pytest.raises(ValueError, match='"manifest"'):
         make_sr(sources, manifest, findings=[ClassificationFinding(classes.classes[0], 0.5)])
+
+
+def test_a_64_character_model_name_still_fits(tmp_path: Path) -> None:
+    """Series Description is LO (64 characters); the " SEG"/" SR" suffix must not overflow it."""
+    sources, labels = ct_series(), label_map()
+    manifest = seg_manifest().model_copy(update={"name": "N" * 64})
+    seg = make_seg(sources, labels, manifest)
+    sr = make_sr(sources, manifest, seg=seg, measurements=volumes(manifest, labels))
+    for ds, name in ((seg, "seg.dcm"), (sr, "sr.dcm")):
+        path = write(ds, tmp_path / name)
+        assert dciodvfy_errors(path) == []
+        assert len(pydicom.dcmread(path).SeriesDescription) <= 64

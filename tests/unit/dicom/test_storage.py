@@ -150,10 +150,15 @@ def test_replace_file_recovers_from_a_stale_temporary_file(tmp_path: Path) -> No
 def _mount_tmpfs(folder: Path, options: str) -> Iterator[Path]:
     folder.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True, check=False
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to emulate a full disk (needs root): {result.stderr.strip()}")
+        pytest.skip(
+            f"cannot mount a small tmpfs to emulate a full disk (needs root): {result.stderr.strip()}"
+        )
     try:
         yield folder
     finally:

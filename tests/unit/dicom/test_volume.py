@@ -62,11 +62,18 @@ def test_oblique_stack() -> None:
     np.testing.assert_array_equal(volume.array, _ramp((5, 3, 3)))
 
 
+def _set_all(series: list[pydicom.Dataset], keyword: str, value: object) -> None:
+    for ds in series:
+        setattr(ds, keyword, value)
+
+
 def test_rescale_is_applied_per_slice() -> None:
     series = make_series(np.zeros((3, 2, 2), dtype=np.float32))
     stored = np.full((2, 2), 100, dtype=np.int16)
     for k, (slope, intercept) in enumerate([(1.0, -1024.0), (2.0, -1000.0), (0.5, 0.0)]):
-        replacement = make_image(stored, position=series[k].ImagePositionPatient, slope=slope, intercept=intercept)
+        replacement = make_image(
+            stored, position=series[k].ImagePositionPatient, slope=slope, intercept=intercept
+        )
         series[k] = replacement
 
     volume = load_volume(series)
@@ -98,11 +105,21 @@ def test_small_position_jitter_is_tolerated() -> None:
         (lambda s: delattr(s[1], "ImagePositionPatient"), "lacks"),
         (lambda s: delattr(s[0], "PixelSpacing"), "lacks"),
         (lambda s: setattr(s[4], "ImagePositionPatient", [3.0, 0.0, 10.0]), "drift"),
-        (lambda s: [setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]) for ds in s], "orthogonal"),
+        (lambda s: _set_all(s, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]), "orthogonal"),
         (lambda s: setattr(s[0], "ImagePositionPatient", [0.0, 1.0]), "ImagePositionPatient"),
     ],
-    ids=["orientation", "duplicate", "gap", "uneven", "pixel-spacing", "no-position", "no-spacing", "sheared",
-         "not-orthogonal", "bad-number"],
+    ids=[
+        "orientation",
+        "duplicate",
+        "gap",
+        "uneven",
+        "pixel-spacing",
+        "no-position",
+        "no-spacing",
+        "sheared",
+        "not-orthogonal",
+        "wrong-count",
+    ],
 )
 def test_irregular_series_are_refused(change: object, message: str) -> None:
     series = make_series(_ramp((6, 3, 3)))
@@ -148,8 +165,16 @@ def test_missing_pixel_data_is_refused() -> None:
 
 def _radiograph(photometric: str = "MONOCHROME2", **spacing: object) -> pydicom.Dataset:
     stored = np.array([[0, 100], [1000, 4095]], dtype=np.uint16)
-    ds = make_image(stored, modality="DX", position=None, orientation=None, pixel_spacing=None, slope=None,
-                    intercept=None, photometric=photometric)
+    ds = make_image(
+        stored,
+        modality="DX",
+        position=None,
+        orientation=None,
+        pixel_spacing=None,
+        slope=None,
+        intercept=None,
+        photometric=photometric,
+    )
     ds.BitsStored, ds.HighBit = 12, 11
     for keyword, value in spacing.items():
         setattr(ds, keyword, value)
@@ -166,7 +191,9 @@ def test_single_radiograph_without_geometry() -> None:
 
 
 def test_pixel_spacing_wins_over_imager_pixel_spacing_and_defaults_to_one() -> None:
-    assert load_volume([_radiograph(PixelSpacing=[0.1, 0.1], ImagerPixelSpacing=[0.15, 0.15])]).spacing[1] == 0.1
+    assert (
+        load_volume([_radiograph(PixelSpacing=[0.1, 0.1], ImagerPixelSpacing=[0.15, 0.15])]).spacing[1] == 0.1
+    )
     assert load_volume([_radiograph()]).spacing == (1.0, 1.0, 1.0)
 
 
@@ -185,7 +212,9 @@ def test_single_ct_slice_keeps_its_geometry_and_values() -> None:
     np.testing.assert_array_equal(volume.array, _ramp((1, 3, 3)))
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
+)
 def test_compressed_pixel_data_decodes_like_the_uncompressed_original(name: str) -> None:
     compressed_path = get_testdata_file(name, download=False)
     original_path = get_testdata_file("MR_small.dcm", download=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +17,9 @@ SERIES = "1.2.826.0.1.3680043.8.498.11"
 LEASE = timedelta(minutes=15)
 
 
-def _series(factory: sessionmaker[Session], series_uid: str = SERIES, *, age: timedelta = timedelta(0)) -> int:
+def _series(
+    factory: sessionmaker[Session], series_uid: str = SERIES, *, age: timedelta = timedelta(0)
+) -> int:
     """A receiving series whose last instance arrived ``age`` ago."""
     with transaction(factory) as session:
         study_id = queries.get_or_create_study(session, STUDY)
@@ -35,7 +37,7 @@ def _job(factory: sessionmaker[Session], series_id: int, model_id: str = "seg") 
 
 def _aware(value: datetime) -> datetime:
     """SQLite gives naive datetimes back; everything stored is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _get_job(factory: sessionmaker[Session], job_id: int) -> Job:
@@ -60,9 +62,13 @@ def test_get_or_create_series_is_idempotent_and_keeps_first_attributes(
 ) -> None:
     with transaction(session_factory) as session:
         study_id = queries.get_or_create_study(session, STUDY)
-        first = queries.get_or_create_series(session, study_id, SERIES, modality="CT", series_description="first")
+        first = queries.get_or_create_series(
+            session, study_id, SERIES, modality="CT", series_description="first"
+        )
     with transaction(session_factory) as session:
-        again = queries.get_or_create_series(session, study_id, SERIES, modality="MR", series_description="second")
+        again = queries.get_or_create_series(
+            session, study_id, SERIES, modality="MR", series_description="second"
+        )
         assert again == first
         series = session.get(Series, first)
         assert series is not None
@@ -116,7 +122,9 @@ def test_claim_job_retakes_a_running_job_only_after_its_lease_expired(
         session.execute(update(Job).where(Job.id == job_id).values(error="worker died"))
     with transaction(session_factory) as session:
         assert not queries.claim_job(session, job_id, LEASE), "the lease is still valid"
-        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1))
+        )
     with transaction(session_factory) as session:
         assert queries.claim_job(session, job_id, LEASE)
     job = _get_job(session_factory, job_id)
@@ -133,7 +141,9 @@ def test_guarded_updates_with_the_row_already_in_the_session(session_factory: se
         assert job is not None and series is not None
         assert queries.claim_job(session, job_id, LEASE)
         assert job.state == JobState.running and job.attempts == 1
-        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1))
+        )
         assert queries.claim_job(session, job_id, LEASE)
         assert job.attempts == 2
         assert queries.claim_series(session, series_id, utcnow(), SeriesState.routed, "matched")
@@ -246,4 +256,3 @@ def test_list_jobs_filters(session_factory: sessionmaker[Session]) -> None:
         assert [j.id for j in queries.list_jobs(session, model_id="seg")] == [c, a]
         assert [j.id for j in queries.list_jobs(session, study_instance_uid=STUDY)] == [b, a]
         assert [j.id for j in queries.list_jobs(session, limit=1, offset=1)] == [b]
-

@@ -1,0 +1,49 @@
+"""A small in-process C-STORE SCP (pynetdicom) that answers a chosen status, for export tests."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from tests.helpers.peers import free_port
+
+
+@dataclass
+class StorageSCP:
+    """Records received SOP Instance UIDs; ``status`` is what every C-STORE is answered with."""
+
+    ae_title: str = "FAKEPACS"
+    status: int = 0x0000
+    port: int = field(default_factory=free_port)
+    received: list[str] = field(default_factory=list)
+    _server: ThreadedAssociationServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _on_store(self, event: Event) -> int:
+        ds: Dataset = event.dataset
+        with self._lock:
+            if self.status == 0x0000:
+                self.received.append(str(ds.SOPInstanceUID))
+        return self.status
+
+    def start(self) -> StorageSCP:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
