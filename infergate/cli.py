@@ -66,7 +66,11 @@ def cmd_up(settings: Settings) -> int:
         children[name] = subprocess.Popen([sys.executable, *SERVICES[name]], env=env)
     log.info(
         "infergate up: DICOM %s@%s:%d, API http://%s:%d, data in %s",
-        settings.ae_title, settings.scp_host, settings.scp_port, settings.api_host, settings.api_port,
+        settings.ae_title,
+        settings.scp_host,
+        settings.scp_port,
+        settings.api_host,
+        settings.api_port,
         settings.data_path,
     )
     exit_code = 0
@@ -95,8 +99,13 @@ def cmd_up(settings: Settings) -> int:
 def cmd_models_list(settings: Settings) -> int:
     packages = load_all(settings.models_dir)
     rows = [
-        {"id": p.manifest.id, "version": p.manifest.version, "task": p.manifest.task,
-         "modalities": p.manifest.accepts.modalities, "folder": str(p.folder)}
+        {
+            "id": p.manifest.id,
+            "version": p.manifest.version,
+            "task": p.manifest.task,
+            "modalities": p.manifest.accepts.modalities,
+            "folder": str(p.folder),
+        }
         for p in packages.values()
     ]
     sys.stdout.write(json.dumps(rows, indent=2) + "\n")

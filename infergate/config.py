@@ -61,7 +61,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="INFERGATE_", extra="ignore")
 
-    data_dir: Path = Field(Path("./var"), description="Where received instances, results and the embedded database live.")
+    data_dir: Path = Field(
+        Path("./var"), description="Where received instances, results and the embedded database live."
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in DATA_DIR.")
     broker_url: str | None = Field(None, description="Celery broker URL; default a filesystem broker in DATA_DIR.")
 
@@ -90,7 +92,9 @@ class Settings(BaseSettings):
 
     job_max_attempts: int = Field(3, description="Attempts of a job before it is marked failed.")
     job_lease_seconds: float = Field(900.0, description="A running job whose lease expired is re-queued.")
-    reconcile_interval_seconds: float = Field(15.0, description="How often queued jobs without a live message are re-sent.")
+    reconcile_interval_seconds: float = Field(
+        15.0, description="How often queued jobs without a live message are re-sent."
+    )
     requeue_after_seconds: float = Field(60.0, description="A job queued this long without starting is re-sent.")
 
     onnx_providers: Annotated[list[str], NoDecode] = Field(

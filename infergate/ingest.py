@@ -43,7 +43,9 @@ class InstanceHeader:
     instance_number: int | None
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> InstanceHeader:
+    def from_dataset(
+        cls, ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+    ) -> InstanceHeader:
         """Read and check the identifying values.
 
         The SOP Class and Instance UIDs come from the DIMSE request; the dataset must agree with
@@ -112,9 +114,7 @@ def ingest_instance(
         Storage or database unavailable; nothing was indexed and no file of ours is left behind.
     """
     with factory() as session:
-        exists = session.scalar(
-            select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid)
-        )
+        exists = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid))
     if exists is not None:
         return IngestOutcome.duplicate
 
@@ -178,4 +178,3 @@ def _index(
             .values(num_instances=Series.num_instances + 1, last_received_at=utcnow())
         )
     return inserted
-

@@ -52,13 +52,16 @@ def make_celery(settings: Settings) -> Celery:
     if settings.celery_broker_url.startswith("filesystem"):
         queue_dir = settings.broker_dir / "queue"
         processed_dir = settings.broker_dir / "processed"
-        for folder in (queue_dir, processed_dir):
+        control_dir = settings.broker_dir / "control"
+        for folder in (queue_dir, processed_dir, control_dir):
             folder.mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
-            "data_folder_processed": str(processed_dir),
+            "processed_folder": str(processed_dir),
             "store_processed": False,
+            # exchange bindings; kombu's default is ./control, i.e. the working directory
+            "control_folder": str(control_dir),
             "polling_interval": 0.05,
         }
     elif settings.celery_broker_url.startswith("redis"):
@@ -79,6 +82,4 @@ class JobQueue:
         self.app.send_task(RUN_MODEL, kwargs=RunModel(job_id=job_id).model_dump(), countdown=countdown)
 
     def send_export(self, job_id: int, countdown: float | None = None) -> None:
-        self.app.send_task(
-            EXPORT_RESULTS, kwargs=ExportResults(job_id=job_id).model_dump(), countdown=countdown
-        )
+        self.app.send_task(EXPORT_RESULTS, kwargs=ExportResults(job_id=job_id).model_dump(), countdown=countdown)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -44,9 +44,7 @@ def _apply(settings: Settings, export: Export, result: StoreResult, now: datetim
 
 def _settle(session: Session, job_id: int) -> float | None:
     """Set the job's final state once no export is pending; else the seconds until the next attempt."""
-    exports = session.scalars(
-        select(Export).join(ResultObject).where(ResultObject.job_id == job_id)
-    ).all()
+    exports = session.scalars(select(Export).join(ResultObject).where(ResultObject.job_id == job_id)).all()
     pending = [e for e in exports if e.state == ExportState.pending]
     if pending:
         now = utcnow()
@@ -63,7 +61,7 @@ def _settle(session: Session, job_id: int) -> float | None:
 
 def _aware(value: datetime) -> datetime:
     # SQLite returns naive datetimes; everything we store is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def export_job(ctx: WorkerContext, job_id: int) -> float | None:
@@ -85,14 +83,19 @@ def export_job(ctx: WorkerContext, job_id: int) -> float | None:
             by_destination[destination].append((export_id, path))
     for destination, items in by_destination.items():
         paths = [resolve_inside(settings.data_path, path) for _, path in items]
-        results = send_files(Destination.parse(destination), paths, calling_ae=settings.ae_title,
-                             max_pdu=settings.max_pdu)
+        results = send_files(
+            Destination.parse(destination), paths, calling_ae=settings.ae_title, max_pdu=settings.max_pdu
+        )
         with ctx.factory() as session, session.begin():
             for (export_id, _), result in zip(items, results, strict=True):
                 export = session.get(Export, export_id)
                 assert export is not None
                 _apply(settings, export, result, utcnow())
-                log.info("job %d: export to %s %s", job_id, destination,
-                         "done" if result.ok else f"not done ({result.error})")
+                log.info(
+                    "job %d: export to %s %s",
+                    job_id,
+                    destination,
+                    "done" if result.ok else f"not done ({result.error})",
+                )
     with ctx.factory() as session, session.begin():
         return _settle(session, job_id)

@@ -72,9 +72,7 @@ def check_accepts(volume: Volume, manifest: ModelManifest) -> None:
     if accepts.dimensionality == 3 and slices < 2:
         raise InvalidInput(f"Model {manifest.id!r} needs a 3-D volume; the series has a single image.")
     if accepts.dimensionality == 2 and manifest.task == "classification" and slices != 1:
-        raise InvalidInput(
-            f"Model {manifest.id!r} classifies a single image; the series has {slices} slices."
-        )
+        raise InvalidInput(f"Model {manifest.id!r} classifies a single image; the series has {slices} slices.")
     if slices < accepts.min_slices:
         raise InvalidInput(
             f"Model {manifest.id!r} needs at least {accepts.min_slices} slices; the series has {slices}."
@@ -150,9 +148,7 @@ def sliding_window(
     spatial = tuple(int(n) for n in images.shape[1:])
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != len(spatial):
-        raise ValueError(
-            f'Argument "patch_size" {patch} should have {len(spatial)} values for images of {spatial}.'
-        )
+        raise ValueError(f'Argument "patch_size" {patch} should have {len(spatial)} values for images of {spatial}.')
     if batch_size < 1:
         raise ValueError('Argument "batch_size" should be at least 1.')
     padded = tuple(max(n, p) for n, p in zip(spatial, patch, strict=True))
@@ -161,9 +157,7 @@ def sliding_window(
     weights = blending_weights(patch, blend)
     windows = [
         tuple(slice(s, s + p) for s, p in zip(starts, patch, strict=True))
-        for starts in itertools.product(
-            *(patch_starts(n, p, overlap) for n, p in zip(padded, patch, strict=True))
-        )
+        for starts in itertools.product(*(patch_starts(n, p, overlap) for n, p in zip(padded, patch, strict=True)))
     ]
     weight_sum = np.zeros(padded, dtype=np.float32)
     for window in windows:
@@ -187,9 +181,7 @@ def _key(index: int, window: tuple[slice, ...]) -> tuple[int | slice, ...]:
     return (index, *window)
 
 
-def _checked_predict(
-    runner: InferenceRunner, package: ModelPackage, n_classes: int, spatial_output: bool
-) -> Predict:
+def _checked_predict(runner: InferenceRunner, package: ModelPackage, n_classes: int, spatial_output: bool) -> Predict:
     """``runner.run`` with its failures and malformed outputs turned into :class:`ModelFailed`."""
     model_id = package.manifest.id
 
@@ -201,9 +193,7 @@ def _checked_predict(
         except Exception as exc:  # any runtime failure is permanent for this input and model
             raise ModelFailed(f"Model {model_id!r} failed on input {batch.shape}: {exc}") from exc
         output = np.asarray(output)
-        expected = (
-            (batch.shape[0], n_classes, *batch.shape[2:]) if spatial_output else (batch.shape[0], n_classes)
-        )
+        expected = (batch.shape[0], n_classes, *batch.shape[2:]) if spatial_output else (batch.shape[0], n_classes)
         if output.shape != expected:
             raise ModelFailed(
                 f"Model {model_id!r} returned shape {output.shape} for input {batch.shape}; the manifest "
@@ -261,9 +251,7 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
         if patch is not None and len(patch) != len(spatial):
             raise ModelFailed(f'Manifest of {manifest.id!r}: "patch_size" should have {len(spatial)} values.')
         if patch is None:  # the whole image at once: one window, plain weights, exact output
-            scores = sliding_window(
-                images, spatial, 0.0, settings.batch_size, predict, n_classes, blend="uniform"
-            )
+            scores = sliding_window(images, spatial, 0.0, settings.batch_size, predict, n_classes, blend="uniform")
         else:
             scores = sliding_window(images, patch, settings.overlap, settings.batch_size, predict, n_classes)
         if dimensionality == 3:

@@ -99,8 +99,14 @@ def result_uids(series_uid: str, package: ModelPackage, kind: str) -> tuple[str,
     return derived_uid(*base, "series"), derived_uid(*base, "instance")
 
 
-def make_results(job_id: int, series_uid: str, datasets: list[Dataset], package: ModelPackage,
-                 output: InferenceOutput, volume_spacing: tuple[float, float, float]) -> JobResult:
+def make_results(
+    job_id: int,
+    series_uid: str,
+    datasets: list[Dataset],
+    package: ModelPackage,
+    output: InferenceOutput,
+    volume_spacing: tuple[float, float, float],
+) -> JobResult:
     """Turn an inference output into SEG/SR datasets and the values to record."""
     manifest = package.manifest
     series_number = 9000 + 10 * (job_id % 100)
@@ -111,8 +117,14 @@ def make_results(job_id: int, series_uid: str, datasets: list[Dataset], package:
     if manifest.task == "segmentation":
         assert output.label_map is not None
         seg_series, seg_instance = result_uids(series_uid, package, "SEG")
-        seg = build_seg(datasets, output.label_map, manifest, series_instance_uid=seg_series,
-                        sop_instance_uid=seg_instance, series_number=series_number + 1)
+        seg = build_seg(
+            datasets,
+            output.label_map,
+            manifest,
+            series_instance_uid=seg_series,
+            sop_instance_uid=seg_instance,
+            series_number=series_number + 1,
+        )
         files.append(ResultFile("SEG", seg, result_relpath(job_id, "SEG", seg_instance)))
         volumes = segment_volumes_ml(output.label_map, volume_spacing, manifest.labels)
         measurements = [
@@ -128,8 +140,16 @@ def make_results(job_id: int, series_uid: str, datasets: list[Dataset], package:
                 positive = probability >= manifest.threshold
             findings.append(ClassificationFinding(class_label=class_label, probability=probability, positive=positive))
     sr_series, sr_instance = result_uids(series_uid, package, "SR")
-    sr = build_sr(datasets, manifest, seg=seg, measurements=measurements, findings=findings,
-                  series_instance_uid=sr_series, sop_instance_uid=sr_instance, series_number=series_number + 2)
+    sr = build_sr(
+        datasets,
+        manifest,
+        seg=seg,
+        measurements=measurements,
+        findings=findings,
+        series_instance_uid=sr_series,
+        sop_instance_uid=sr_instance,
+        series_number=series_number + 2,
+    )
     files.append(ResultFile("SR", sr, result_relpath(job_id, "SR", sr_instance)))
     return JobResult(files=files, measurements=measurements, findings=findings)
 
@@ -176,28 +196,50 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
     session.execute(delete(Measurement).where(Measurement.job_id == job_id))
     for finding in result.findings:
         code = finding.class_label.code
-        session.add(Finding(job_id=job_id, name=finding.class_label.name, code_value=code.value,
-                            code_scheme=code.scheme, code_meaning=code.meaning,
-                            probability=finding.probability, positive=finding.positive))
+        session.add(
+            Finding(
+                job_id=job_id,
+                name=finding.class_label.name,
+                code_value=code.value,
+                code_scheme=code.scheme,
+                code_meaning=code.meaning,
+                probability=finding.probability,
+                positive=finding.positive,
+            )
+        )
     for measurement in result.measurements:
-        session.add(Measurement(job_id=job_id, segment_number=measurement.segment_number,
-                                segment_label=measurement.label.name, name="Volume",
-                                value=measurement.volume_ml, unit="mL"))
+        session.add(
+            Measurement(
+                job_id=job_id,
+                segment_number=measurement.segment_number,
+                segment_label=measurement.label.name,
+                name="Volume",
+                value=measurement.volume_ml,
+                unit="mL",
+            )
+        )
     for item in result.files:
         ds = item.dataset
         existing = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == ds.SOPInstanceUID))
         if existing is None:
-            existing = ResultObject(job_id=job_id, kind=item.kind, sop_class_uid=ds.SOPClassUID,
-                                    sop_instance_uid=ds.SOPInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
-                                    path=item.relpath.as_posix())
+            existing = ResultObject(
+                job_id=job_id,
+                kind=item.kind,
+                sop_class_uid=ds.SOPClassUID,
+                sop_instance_uid=ds.SOPInstanceUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                path=item.relpath.as_posix(),
+            )
             session.add(existing)
             session.flush()
         for destination in destinations:
-            export = session.scalar(select(Export).where(Export.result_object_id == existing.id,
-                                                         Export.destination == destination))
+            export = session.scalar(
+                select(Export).where(Export.result_object_id == existing.id, Export.destination == destination)
+            )
             if export is None:
-                session.add(Export(result_object_id=existing.id, destination=destination,
-                                   state=ExportState.pending, attempts=0))
+                session.add(
+                    Export(result_object_id=existing.id, destination=destination, state=ExportState.pending, attempts=0)
+                )
             else:  # a rerun replaced the object: deliver it again
                 export.state, export.next_attempt_at = ExportState.pending, None
     return JobOutcome.exporting if destinations else JobOutcome.done
@@ -219,8 +261,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
         assert job is not None
         attempt, model_id = job.attempts, job.model_id
         if attempt > settings.job_max_attempts:
-            queries.set_job_state(session, job_id, JobState.failed,
-                                  job.error or f"gave up after {settings.job_max_attempts} attempts")
+            queries.set_job_state(
+                session, job_id, JobState.failed, job.error or f"gave up after {settings.job_max_attempts} attempts"
+            )
             return JobOutcome.failed, None
     log.info("job %d: running %s (attempt %d)", job_id, model_id, attempt)
     try:
@@ -235,9 +278,13 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
         message = f"{type(exc).__name__}: {exc}"[:2000]
         final = attempt >= settings.job_max_attempts
         with ctx.factory() as session, session.begin():
-            queries.set_job_state(session, job_id, JobState.failed if final else JobState.queued,
-                                  message + ("" if final else f" (attempt {attempt}, will retry)"))
-        return (JobOutcome.failed, None) if final else (JobOutcome.retry, min(60.0, 2.0 ** attempt))
+            queries.set_job_state(
+                session,
+                job_id,
+                JobState.failed if final else JobState.queued,
+                message + ("" if final else f" (attempt {attempt}, will retry)"),
+            )
+        return (JobOutcome.failed, None) if final else (JobOutcome.retry, min(60.0, 2.0**attempt))
     with ctx.factory() as session, session.begin():
         outcome = record(session, ctx, job_id, attempt, result)
     if outcome is None:
@@ -245,4 +292,3 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
         return JobOutcome.skipped, None
     log.info("job %d: %s", job_id, outcome.value)
     return outcome, None
-

@@ -35,9 +35,7 @@ def label_map_from_scores(scores: np.ndarray, class_axis: int = 0) -> np.ndarray
         More than 256 classes, which a uint8 label map cannot hold.
     """
     if scores.shape[class_axis] > 256:
-        raise ValueError(
-            f'Argument "scores" has {scores.shape[class_axis]} classes; at most 256 fit a uint8 map.'
-        )
+        raise ValueError(f'Argument "scores" has {scores.shape[class_axis]} classes; at most 256 fit a uint8 map.')
     return np.argmax(scores, axis=class_axis).astype(np.uint8)
 
 
@@ -54,18 +52,14 @@ def resample_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     the source lands on the model voxel that covered it.
     """
     if labels.ndim != len(shape):
-        raise ValueError(
-            f'Argument "shape" {shape} should have {labels.ndim} values, one per axis of "labels".'
-        )
+        raise ValueError(f'Argument "shape" {shape} should have {labels.ndim} values, one per axis of "labels".')
     if tuple(labels.shape) == tuple(shape):
         return labels
     index = np.ix_(*(_nearest_indices(n_in, n_out) for n_in, n_out in zip(labels.shape, shape, strict=True)))
     return labels[index]
 
 
-def segmentation_to_source(
-    scores: np.ndarray, source_shape: tuple[int, int, int], class_axis: int
-) -> np.ndarray:
+def segmentation_to_source(scores: np.ndarray, source_shape: tuple[int, int, int], class_axis: int) -> np.ndarray:
     """Label map of per-class ``scores`` on the model grid, mapped onto the source grid.
 
     Parameters
@@ -138,9 +132,5 @@ def segment_volumes_ml(
         raise ValueError(f'Argument "spacing" should hold 3 positive numbers, not {spacing}.')
     values = [label.value if isinstance(label, SegmentLabel) else int(label) for label in labels]
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = (
-        np.bincount(label_map.ravel(), minlength=max(values, default=0) + 1)
-        if label_map.size
-        else np.zeros(1)
-    )
+    counts = np.bincount(label_map.ravel(), minlength=max(values, default=0) + 1) if label_map.size else np.zeros(1)
     return {value: float(counts[value]) * voxel_ml if value < counts.size else 0.0 for value in values}

@@ -73,9 +73,7 @@ def resolve_providers(requested: list[str], available: list[str] | None = None) 
     offered = set(ort.get_available_providers() if available is None else available)
     resolved: list[str] = []
     for name in requested:
-        candidates = (
-            [p for p in AUTO_PROVIDERS if p in offered] if name.strip().lower() == "auto" else [name.strip()]
-        )
+        candidates = [p for p in AUTO_PROVIDERS if p in offered] if name.strip().lower() == "auto" else [name.strip()]
         for candidate in candidates:
             if candidate == CPU_PROVIDER or candidate in resolved:
                 continue
@@ -149,9 +147,7 @@ class OnnxRunner:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
             except Exception as exc:  # onnxruntime raises its own pybind exception types
                 raise ModelFailed(f"ONNX Runtime cannot load model {manifest.id!r}: {exc}") from exc
-            log.info(
-                "loaded model %s %s on %s", manifest.id, manifest.version, ",".join(session.get_providers())
-            )
+            log.info("loaded model %s %s on %s", manifest.id, manifest.version, ",".join(session.get_providers()))
             self._sessions[manifest.id] = (manifest.sha256, session)
             return session
 

@@ -77,8 +77,12 @@ def send_files(
                 results.append(StoreResult(path, None, f"{destination}: {exc}"))
                 continue
             status = int(response.Status) if "Status" in response else None
-            error = None if status == 0 else f"{destination}: status 0x{status:04X}" if status is not None else (
-                f"{destination}: no response"
+            error = (
+                None
+                if status == 0
+                else f"{destination}: status 0x{status:04X}"
+                if status is not None
+                else (f"{destination}: no response")
             )
             results.append(StoreResult(path, status, error))
     finally:

@@ -145,9 +145,7 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
         raise ValueError('Argument "source_datasets" should not be empty.')
     for ds in sources:
         if not isinstance(ds, Dataset):
-            raise TypeError(
-                f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.'
-            )
+            raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
         if int(ds.get("NumberOfFrames") or 1) > 1:
             raise ValueError('Argument "source_datasets" should hold single-frame images only.')
     return sources

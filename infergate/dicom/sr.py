@@ -115,9 +115,7 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
         raise ValueError('Argument "source_datasets" should not be empty.')
     for ds in sources:
         if not isinstance(ds, Dataset):
-            raise TypeError(
-                f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.'
-            )
+            raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
     return sources
 
 
@@ -137,17 +135,14 @@ def _volume_group(
     """
     if not isinstance(measurement, SegmentMeasurement):
         raise TypeError(
-            'Items of argument "measurements" should be SegmentMeasurement, '
-            f"not {type(measurement).__name__}."
+            f'Items of argument "measurements" should be SegmentMeasurement, not {type(measurement).__name__}.'
         )
     number = measurement.segment_number
     segments = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
     if number not in segments:
         raise ValueError(f'Argument "measurements" refers to segment {number}, which "seg" does not have.')
     if measurement.label not in manifest.labels:
-        raise ValueError(
-            f'Argument "measurements" has label {measurement.label.name!r}, which is not in the manifest.'
-        )
+        raise ValueError(f'Argument "measurements" has label {measurement.label.name!r}, which is not in the manifest.')
     if not (math.isfinite(measurement.volume_ml) and measurement.volume_ml >= 0):
         raise ValueError(f'Argument "measurements" has volume {measurement.volume_ml} for segment {number}.')
     label = measurement.label
@@ -188,18 +183,14 @@ def _class_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group for one class: the class, its probability and, if decided, its presence."""
     if not isinstance(finding, ClassificationFinding):
-        raise TypeError(
-            f'Items of argument "findings" should be ClassificationFinding, not {type(finding).__name__}.'
-        )
+        raise TypeError(f'Items of argument "findings" should be ClassificationFinding, not {type(finding).__name__}.')
     if manifest.finding is None:
         raise ValueError('Argument "manifest" should have a "finding" concept to report "findings".')
     label = finding.class_label
     if label not in manifest.classes:
         raise ValueError(f'Argument "findings" has class {label.name!r}, which is not in the manifest.')
     if not (math.isfinite(finding.probability) and 0.0 <= finding.probability <= 1.0):
-        raise ValueError(
-            f'Argument "findings" has probability {finding.probability} for class {label.name!r}.'
-        )
+        raise ValueError(f'Argument "findings" has probability {finding.probability} for class {label.name!r}.')
     concept = coded_concept(manifest.finding)
     evaluations = [hd.sr.QualitativeEvaluation(name=concept, value=coded_concept(label.code))]
     if finding.positive is not None:
@@ -275,9 +266,7 @@ def build_sr(
     if not isinstance(manifest, ModelManifest):
         raise TypeError(f'Argument "manifest" should be a ModelManifest, not {type(manifest).__name__}.')
     if seg is not None and not isinstance(seg, hd.seg.Segmentation):
-        raise TypeError(
-            f'Argument "seg" should be a highdicom Segmentation or None, not {type(seg).__name__}.'
-        )
+        raise TypeError(f'Argument "seg" should be a highdicom Segmentation or None, not {type(seg).__name__}.')
     require_uid(series_instance_uid, "series_instance_uid")
     require_uid(sop_instance_uid, "sop_instance_uid")
     require_positive_int(series_number, "series_number")

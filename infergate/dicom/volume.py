@@ -114,9 +114,7 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
         raise InvalidInput('Argument "datasets" is empty; a volume needs at least one image.')
     for index, ds in enumerate(datasets):
         if not isinstance(ds, Dataset):
-            raise TypeError(
-                f'Argument "datasets" item {index} should be a pydicom Dataset, not {type(ds).__name__}.'
-            )
+            raise TypeError(f'Argument "datasets" item {index} should be a pydicom Dataset, not {type(ds).__name__}.')
         _check_single_frame_monochrome(ds, index)
     if len(datasets) == 1 and not _has_geometry(datasets[0]):
         return _load_projection(datasets[0])
@@ -171,9 +169,7 @@ def _pixels(ds: Dataset, index: int) -> np.ndarray:
         name = getattr(syntax, "name", str(syntax))
         raise InvalidInput(f"Image {index}: cannot decode pixel data ({name}): {exc}") from exc
     if stored.ndim != 2:
-        raise InvalidInput(
-            f"Image {index} decoded to shape {stored.shape}; one greyscale frame was expected."
-        )
+        raise InvalidInput(f"Image {index} decoded to shape {stored.shape}; one greyscale frame was expected.")
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
 
 

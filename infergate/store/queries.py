@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select, update
+from sqlalchemy import and_, inspect, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -39,7 +39,7 @@ def insert_ignore(session: Session, table: type[Base], values: dict[str, Any], c
         module.insert(table)
         .values(**values)
         .on_conflict_do_nothing(index_elements=conflict_columns)
-        .returning(*table.__table__.primary_key.columns)
+        .returning(*inspect(table).primary_key)
     )
     return session.execute(stmt).first() is not None
 
@@ -198,7 +198,7 @@ def list_jobs(
     limit: int = 100,
     offset: int = 0,
 ) -> Sequence[Job]:
-    stmt: Select[tuple[Job]] = select(Job).options(selectinload(Job.series).selectinload(Series.study))
+    stmt = select(Job).options(selectinload(Job.series).selectinload(Series.study))
     if state is not None:
         stmt = stmt.where(Job.state == state)
     if model_id is not None:

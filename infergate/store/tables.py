@@ -8,7 +8,7 @@ Alembic migrations in ``infergate/store/migrations``.
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -36,14 +36,14 @@ NAMING_CONVENTION = {
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class SeriesState(str, enum.Enum):
+class SeriesState(enum.StrEnum):
     """``receiving`` until quiet for ``series_quiet_seconds``; then ``routed`` or ``unmatched``."""
 
     receiving = "receiving"
@@ -51,7 +51,7 @@ class SeriesState(str, enum.Enum):
     unmatched = "unmatched"
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """``queued -> running -> exporting -> done | failed``."""
 
     queued = "queued"
@@ -61,7 +61,7 @@ class JobState(str, enum.Enum):
     failed = "failed"
 
 
-class ExportState(str, enum.Enum):
+class ExportState(enum.StrEnum):
     pending = "pending"
     done = "done"
     failed = "failed"
@@ -86,11 +86,11 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("Timestamps stored in the results store must be timezone-aware.")
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+            return value.replace(tzinfo=UTC)
         return value
 
 

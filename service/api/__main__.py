@@ -12,8 +12,13 @@ from service.api.app import create_app
 def main() -> int:
     settings = get_settings()
     setup_logging(settings, "api")
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
     return 0
 
 

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
     BasicTextSRStorage,
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalMammographyXRayImageStorageForProcessing,
     DigitalXRayImageStorageForPresentation,
@@ -30,16 +19,28 @@ from pynetdicom.sop_class import (
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
     EnhancedSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     MRImageStorage,
+    RLELossless,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from infergate.config import Settings
 from infergate.dicom.net import NODELAY_HANDLER, quiet_identifiers
 from service.scp.handlers import StoreContext, handle_echo, handle_store
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 STORAGE_SOP_CLASSES = [
     CTImageStorage,
@@ -81,7 +82,7 @@ def build_ae(settings: Settings) -> AE:
     quiet_identifiers()
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     if settings.allowed_calling_aes:
@@ -92,7 +93,7 @@ def build_ae(settings: Settings) -> AE:
 def start_server(settings: Settings, ctx: StoreContext) -> ThreadedAssociationServer:
     """Start the SCP in the background and return its server (``shutdown()`` stops it)."""
     ae = build_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         NODELAY_HANDLER,
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),

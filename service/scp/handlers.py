@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -66,6 +67,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
     Any other exception propagates so that pynetdicom answers 0xC211 and logs it.
     """
     request = event.request
+    assert isinstance(request, C_STORE)
     try:
         ds = event.dataset
         header = InstanceHeader.from_dataset(

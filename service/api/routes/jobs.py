@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from infergate.errors import InvalidInput, NotFound
 from infergate.dicom.uids import is_valid_uid
+from infergate.errors import InvalidInput, NotFound
 from infergate.store import queries
 from infergate.store.tables import Job, JobState
 from service.api.deps import SessionDep

@@ -30,7 +30,9 @@ def list_models(packages: PackagesDep) -> list[ModelOut]:
                     SegmentOut(value=s.value, name=s.name, category=s.category.meaning, type=s.type.meaning)
                     for s in m.labels
                 ],
-                classes=[ClassOut(index=c.index, name=c.name, code=f"{c.code.scheme}:{c.code.value}") for c in m.classes],
+                classes=[
+                    ClassOut(index=c.index, name=c.name, code=f"{c.code.scheme}:{c.code.value}") for c in m.classes
+                ],
             )
         )
     return out
