@@ -34,10 +34,14 @@ def _ingest_series(settings: Settings, factory: sessionmaker[Session], folder: P
     for path in info.paths:
         ds = dcmread(path)
         header = InstanceHeader.from_dataset(
-            ds, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+            ds,
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
             transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
         )
-        ingest_instance(factory, settings.data_path, header, path.read_bytes(), calling_ae="TEST", called_ae="INFERGATE")
+        ingest_instance(
+            factory, settings.data_path, header, path.read_bytes(), calling_ae="TEST", called_ae="INFERGATE"
+        )
     with factory() as session:
         series_id = session.scalar(select(Series.id))
     assert series_id is not None
@@ -59,8 +63,12 @@ def pacs() -> Iterator[StorageSCP]:
 
 
 def _ctx(settings: Settings, factory: sessionmaker[Session]) -> WorkerContext:
-    return WorkerContext(settings=settings, factory=factory, runner=OnnxRunner(["CPUExecutionProvider"]),
-                         packages=load_all(settings.models_dir))
+    return WorkerContext(
+        settings=settings,
+        factory=factory,
+        runner=OnnxRunner(["CPUExecutionProvider"]),
+        packages=load_all(settings.models_dir),
+    )
 
 
 def test_segmentation_job_writes_valid_seg_and_sr_and_exports_once(
@@ -121,8 +129,14 @@ def test_export_to_unreachable_pacs_backs_off_then_fails(
     db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     unreachable = StorageSCP()  # never started: connection refused
-    settings = Settings(**{**db_settings.model_dump(), "pacs": unreachable.destination,
-                           "export_max_attempts": 2, "export_backoff_seconds": 0.2})
+    settings = Settings(
+        **{
+            **db_settings.model_dump(),
+            "pacs": unreachable.destination,
+            "export_max_attempts": 2,
+            "export_backoff_seconds": 0.2,
+        }
+    )
     series_id = _ingest_series(settings, session_factory, tmp_path / "ct", slices=10)
     job_id = _job(session_factory, series_id, "ct-bone-classifier")
     ctx = _ctx(settings, session_factory)
