@@ -132,3 +132,20 @@ def test_calling_ae_allow_list(db_settings: Settings, session_factory: sessionma
                 assoc.release()
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"])
+def test_compressed_series_is_stored_as_received(
+    scp: Settings, session_factory: sessionmaker[Session], tmp_path: Path, syntax: str
+) -> None:
+    """RLE, JPEG 2000 lossless and JPEG-LS lossless from storescu are kept in their transfer syntax."""
+    info = write_ct_series(tmp_path / "ct", slices=3, size=64, transfer_syntax=syntax)
+    result = run_storescu(info.folder, port=scp.scp_port, aec=scp.ae_title)
+    assert result.returncode == 0, result.stderr
+    with session_factory() as session:
+        assert set(session.scalars(select(Instance.transfer_syntax_uid))) == {syntax}
+        paths = session.scalars(select(Instance.path)).all()
+    for relpath in paths:
+        stored = dcmread(scp.data_path / relpath)
+        assert stored.file_meta.TransferSyntaxUID == syntax
+        assert stored.pixel_array.shape == (64, 64)
