@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from infergate.jobs import JobQueue
+from infergate.jobs import JobSender
 from infergate.manifest import ModelPackage
 from infergate.routing import RoutingRules, SeriesFacts
 from infergate.store import queries
@@ -77,7 +77,7 @@ def route_series(
 
 def complete_quiet_series(
     factory: sessionmaker[Session],
-    queue: JobQueue,
+    queue: JobSender,
     *,
     quiet: timedelta,
     rules: RoutingRules,

@@ -8,6 +8,8 @@ the SQL reconciler (:mod:`infergate.reconcile`) re-sends jobs whose message was 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from celery import Celery
 from pydantic import BaseModel, Field
 
@@ -70,6 +72,14 @@ def make_celery(settings: Settings) -> Celery:
         conf["broker_transport_options"] = {"visibility_timeout": int(settings.job_lease_seconds) + 60}
     app.conf.update(conf)
     return app
+
+
+class JobSender(Protocol):
+    """What the watcher and reconciler need of a queue: :class:`JobQueue`, or a test's stand-in."""
+
+    def send_run(self, job_id: int, countdown: float | None = None) -> None: ...
+
+    def send_export(self, job_id: int, countdown: float | None = None) -> None: ...
 
 
 class JobQueue:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from infergate.jobs import JobQueue
+from infergate.jobs import JobSender
 from infergate.store import queries
 from infergate.store.tables import Job, JobState, utcnow
 
@@ -30,7 +30,7 @@ class ReconcileReport:
     resent_exports: list[int] = field(default_factory=list)
 
 
-def reconcile(factory: sessionmaker[Session], queue: JobQueue, *, requeue_after: timedelta) -> ReconcileReport:
+def reconcile(factory: sessionmaker[Session], queue: JobSender, *, requeue_after: timedelta) -> ReconcileReport:
     """Re-send lost work; returns what was sent."""
     report = ReconcileReport()
     now = utcnow()

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.completion import RoutedSeries, complete_quiet_series
 from infergate.config import Settings
-from infergate.jobs import JobQueue
+from infergate.jobs import JobSender
 from infergate.manifest import load_all
 from infergate.reconcile import reconcile
 from infergate.routing import load_rules
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Watcher:
     """Series completion and reconciliation on a timer."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], queue: JobQueue) -> None:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], queue: JobSender) -> None:
         self.settings = settings
         self.factory = factory
         self.queue = queue

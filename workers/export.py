@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -49,7 +49,7 @@ def _settle(session: Session, job_id: int) -> float | None:
     if pending:
         now = utcnow()
         due = min((e.next_attempt_at for e in pending if e.next_attempt_at is not None), default=now)
-        return max(0.0, (_aware(due) - now).total_seconds())
+        return max(0.0, (due - now).total_seconds())
     failed = [e for e in exports if e.state == ExportState.failed]
     if failed:
         error = "; ".join(sorted({e.last_error or f"export to {e.destination} failed" for e in failed}))
@@ -57,11 +57,6 @@ def _settle(session: Session, job_id: int) -> float | None:
     else:
         queries.set_job_state(session, job_id, JobState.done)
     return None
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes; everything we store is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def export_job(ctx: WorkerContext, job_id: int) -> float | None:
@@ -79,7 +74,7 @@ def export_job(ctx: WorkerContext, job_id: int) -> float | None:
         ).all()
     by_destination: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for export_id, destination, next_at, path in rows:
-        if next_at is None or _aware(next_at) <= now:
+        if next_at is None or next_at <= now:
             by_destination[destination].append((export_id, path))
     for destination, items in by_destination.items():
         paths = [resolve_inside(settings.data_path, path) for _, path in items]

@@ -38,6 +38,7 @@ from infergate.store.tables import (
     Measurement,
     ResultObject,
     Series,
+    utcnow,
 )
 from workers.inference import InferenceOutput, infer
 from workers.postprocess import segment_volumes_ml
@@ -183,15 +184,20 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
     """Store rows of a finished computation; None if this worker no longer holds the job."""
     destinations = [str(d) for d in ctx.settings.pacs]
     state = JobState.exporting if destinations else JobState.done
+    now = utcnow()
     owned = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.running, Job.attempts == attempt)
-        .values(state=state, lease_until=None, error=None)
+        .values(
+            state=state,
+            lease_until=None,
+            error=None,
+            updated_at=now,
+            finished_at=now if state == JobState.done else None,
+        )
     )
     if not owned.rowcount:  # type: ignore[attr-defined]
         return None
-    if state == JobState.done:
-        queries.set_job_state(session, job_id, JobState.done)
     session.execute(delete(Finding).where(Finding.job_id == job_id))
     session.execute(delete(Measurement).where(Measurement.job_id == job_id))
     for finding in result.findings:

@@ -30,34 +30,13 @@ from infergate.routing import RoutingRules, load_rules
 from infergate.store import queries
 from infergate.store.session import transaction
 from infergate.store.tables import Instance, Job, JobState, Series, SeriesState, utcnow
+from tests.helpers.queues import BrokerDown, RecordingQueue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = REPO_ROOT / "models"
 STUDY = "1.2.826.0.1.3680043.8.498.100"
 QUIET = timedelta(seconds=5)
 CT_MODELS = ["ct-tissue-seg", "ct-bone-classifier"]
-
-
-class RecordingQueue:
-    """Stands in for :class:`infergate.jobs.JobQueue` (the broker is another process)."""
-
-    def __init__(self) -> None:
-        self.runs: list[int] = []
-        self.exports: list[int] = []
-
-    def send_run(self, job_id: int, countdown: float | None = None) -> None:
-        self.runs.append(job_id)
-
-    def send_export(self, job_id: int, countdown: float | None = None) -> None:
-        self.exports.append(job_id)
-
-
-class BrokerDown(RecordingQueue):
-    def send_run(self, job_id: int, countdown: float | None = None) -> None:
-        raise ConnectionRefusedError(111, "Connection refused")
-
-    def send_export(self, job_id: int, countdown: float | None = None) -> None:
-        raise ConnectionRefusedError(111, "Connection refused")
 
 
 def _fake_packages(folder: Path) -> dict[str, ModelPackage]:
@@ -199,9 +178,7 @@ def test_series_no_rule_matches_is_unmatched(
     instances: int,
     image_type: str | None,
 ) -> None:
-    series_id = _series(
-        session_factory, "1.2.3.3", modality=modality, instances=instances, image_type=image_type
-    )
+    series_id = _series(session_factory, "1.2.3.3", modality=modality, instances=instances, image_type=image_type)
     queue = RecordingQueue()
     routed = complete_quiet_series(session_factory, queue, quiet=QUIET, rules=rules, packages=packages)
     assert [(r.series_id, r.models, r.job_ids) for r in routed] == [(series_id, [], [])]
@@ -210,9 +187,7 @@ def test_series_no_rule_matches_is_unmatched(
     assert queue.runs == []
 
 
-def test_matched_models_that_are_not_installed(
-    session_factory: sessionmaker[Session], rules: RoutingRules
-) -> None:
+def test_matched_models_that_are_not_installed(session_factory: sessionmaker[Session], rules: RoutingRules) -> None:
     series_id = _series(session_factory, "1.2.3.4")
     queue = RecordingQueue()
     complete_quiet_series(session_factory, queue, quiet=QUIET, rules=rules, packages={})

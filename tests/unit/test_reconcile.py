@@ -14,32 +14,11 @@ from infergate.reconcile import reconcile
 from infergate.store import queries
 from infergate.store.session import transaction
 from infergate.store.tables import Export, ExportState, Job, JobState, ResultObject, utcnow
+from tests.helpers.queues import BrokerDown, RecordingQueue
 
 STUDY = "1.2.826.0.1.3680043.8.498.200"
 SERIES = "1.2.826.0.1.3680043.8.498.201"
 LEASE = timedelta(minutes=15)
-
-
-class RecordingQueue:
-    """Stands in for :class:`infergate.jobs.JobQueue`."""
-
-    def __init__(self) -> None:
-        self.runs: list[int] = []
-        self.exports: list[int] = []
-
-    def send_run(self, job_id: int, countdown: float | None = None) -> None:
-        self.runs.append(job_id)
-
-    def send_export(self, job_id: int, countdown: float | None = None) -> None:
-        self.exports.append(job_id)
-
-
-class BrokerDown(RecordingQueue):
-    def send_run(self, job_id: int, countdown: float | None = None) -> None:
-        raise ConnectionRefusedError(111, "Connection refused")
-
-    def send_export(self, job_id: int, countdown: float | None = None) -> None:
-        raise ConnectionRefusedError(111, "Connection refused")
 
 
 def _jobs(factory: sessionmaker[Session], *model_ids: str) -> list[int]:
@@ -62,9 +41,7 @@ def _claim(factory: sessionmaker[Session], job_id: int, *, expired: bool) -> Non
     with transaction(factory) as session:
         assert queries.claim_job(session, job_id, LEASE)
         if expired:
-            session.execute(
-                update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1))
-            )
+            session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
 
 
 def test_stale_queued_jobs_are_resent(session_factory: sessionmaker[Session]) -> None:
@@ -138,9 +115,7 @@ def test_finished_jobs_are_untouched(session_factory: sessionmaker[Session]) -> 
 def test_overdue_exports_are_resent(session_factory: sessionmaker[Session]) -> None:
     exporting, delivered = _jobs(session_factory, "exporting", "delivered")
     with transaction(session_factory) as session:
-        for n, (job_id, state) in enumerate(
-            [(exporting, ExportState.pending), (delivered, ExportState.done)]
-        ):
+        for n, (job_id, state) in enumerate([(exporting, ExportState.pending), (delivered, ExportState.done)]):
             queries.set_job_state(session, job_id, JobState.exporting)
             result = ResultObject(
                 job_id=job_id,
