@@ -23,6 +23,12 @@ from infergate.errors import InvalidInput, NotFound
 _MODEL_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
+def _plain_file_name(value: str) -> str:
+    if not value or "/" in value or "\\" in value or value.startswith("."):
+        raise ValueError("A model file should be a plain file name inside the package folder.")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,26 +49,77 @@ class Window(_Strict):
 
 
 class Accepts(_Strict):
-    """Which series a model can run on; the routing rules pick among those."""
+    """Which series a model can run on; the routing rules pick among those.
+
+    ``body_parts`` (BodyPartExamined values, case-insensitive) and ``image_types`` (values that must all
+    appear in ImageType) are checked by the worker too, so a mis-routed series fails with a clear error.
+    """
 
     modalities: list[str] = Field(min_length=1)
     dimensionality: Literal[2, 3] = 3
     min_slices: int = Field(1, ge=1)
+    max_slices: int | None = Field(None, ge=1)
+    body_parts: list[str] | None = None
+    image_types: list[str] | None = None
+
+
+class RegionOfInterest(_Strict):
+    """A first, coarse model that finds where the main model should look (a cascade, as deepbet does).
+
+    The volume (after ``orientation``) is resized to ``shape`` with ``interpolation``, normalised like the
+    main input, and run through ``file``; channel ``channel`` of its output, thresholded at ``threshold``
+    (keeping the largest connected component when ``largest_component``), gives a bounding box that is
+    grown by ``margin`` (fraction of its size per side) and cropped from the full-resolution volume. The
+    crop is what the main model's ``target_shape``/``target_spacing`` then applies to, and the main model's
+    output is pasted back into the crop (zeros elsewhere).
+    """
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_name: str = "input"
+    output_name: str = "output"
+    shape: list[int] = Field(min_length=2, max_length=3)
+    interpolation: Literal["linear", "nearest"] = "nearest"
+    channel: int = Field(1, ge=0)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    largest_component: bool = True
+    margin: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("file")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        return _plain_file_name(value)
 
 
 class Preprocess(_Strict):
     """Steps from the stored pixel data to the input tensor, in this order.
 
-    1. rescale (always: Rescale Slope/Intercept);
-    2. resample to ``target_spacing`` (mm, ``[slice, row, column]``) or to ``target_shape`` (voxels);
-    3. intensity: ``window`` clips and maps to [0, 1]; ``zscore`` normalises to mean 0, sd 1;
-    4. inference over the whole volume, or in ``patch_size`` windows with ``overlap`` (sliding window).
+    1. rescale (always: Rescale Slope/Intercept; MONOCHROME1 radiographs are inverted);
+    2. ``orientation``: reorder/flip the array axes so that they run along the named patient axes
+       (``RAS``: array axes 0, 1, 2 go to the patient's Right, Anterior, Superior, as NIfTI tools load
+       volumes); ``null`` keeps the DICOM order (slice, row, column);
+    3. ``roi``: optional cascade crop (see :class:`RegionOfInterest`);
+    4. resample to ``target_spacing`` (mm) or to ``target_shape`` (voxels) with ``interpolation``;
+       ``resize: "fit"`` keeps the aspect ratio and pads with the image minimum (2D radiographs);
+    5. intensity: ``window`` clips to the window and maps to [0, 1]; ``voi`` applies the image's own
+       VOI LUT or window (PS3.3 C.11.2) then maps to [0, 1]; ``percentile`` clips to the
+       ``percentiles`` of the (resampled) image and maps to [0, 1]; ``zscore`` normalises to mean 0,
+       sd 1; then, if ``standardize``, the result is z-scored; finally ``scale * x + shift``;
+    6. inference over the whole volume, or in ``patch_size`` windows with ``overlap`` (sliding window).
     """
 
+    orientation: Literal["RAS", "LPS"] | None = None
+    roi: RegionOfInterest | None = None
     target_spacing: list[float] | None = None
     target_shape: list[int] | None = None
-    intensity: Literal["window", "zscore", "none"] = "window"
+    interpolation: Literal["linear", "nearest"] = "linear"
+    resize: Literal["stretch", "fit"] = "stretch"
+    intensity: Literal["window", "voi", "percentile", "zscore", "none"] = "window"
     window: Window | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    standardize: bool = False
+    scale: float = 1.0
+    shift: float = 0.0
     patch_size: list[int] | None = None
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1)
@@ -73,11 +130,42 @@ class Preprocess(_Strict):
             raise ValueError('Give at most one of "target_spacing" and "target_shape".')
         if self.intensity == "window" and self.window is None:
             raise ValueError('"intensity": "window" needs a "window".')
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError('"percentiles" should be two increasing values within 0-100.')
+        if self.resize == "fit" and self.target_shape is None:
+            raise ValueError('"resize": "fit" needs a "target_shape".')
         for name in ("target_spacing", "target_shape", "patch_size"):
             value = getattr(self, name)
             if value is not None and (len(value) not in (2, 3) or any(v <= 0 for v in value)):
                 raise ValueError(f'"{name}" should hold 2 or 3 positive numbers.')
         return self
+
+
+class Postprocess(_Strict):
+    """How model outputs become labels.
+
+    ``activation`` is what the graph's output already is (``none``: raw scores or logits). A
+    segmentation output is turned into labels by ``argmax`` over the class axis, or, when ``threshold``
+    is set, by thresholding channel ``channel`` (probabilities) into label 1. Then, per label,
+    ``largest_component`` keeps the largest 3D connected component and ``fill_holes`` fills enclosed
+    cavities; ``min_component_voxels`` drops smaller islands.
+    """
+
+    activation: Literal["none", "softmax", "sigmoid"] = "none"
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    channel: int = Field(1, ge=0)
+    largest_component: bool = False
+    fill_holes: bool = False
+    min_component_voxels: int = Field(0, ge=0)
+
+
+class VolumeTotal(_Strict):
+    """A volume reported in the SR for the union of several labels (e.g. "Body" = all tissue labels)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    labels: list[int] = Field(min_length=1)
+    type: Code
 
 
 class SegmentLabel(_Strict):
@@ -111,13 +199,21 @@ class ModelManifest(_Strict):
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
     task: Literal["segmentation", "classification"]
+    input: Literal["image", "header_features"] = Field(
+        "image", description="What the model reads: pixels, or features computed from the DICOM headers."
+    )
+    feature_extractor: str | None = Field(
+        None, description='With "input": "header_features", the name of a registered feature extractor.'
+    )
     file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     input_name: str = "input"
     output_name: str = "output"
     accepts: Accepts
-    preprocess: Preprocess
+    preprocess: Preprocess = Field(default_factory=lambda: Preprocess(intensity="none"))
+    postprocess: Postprocess = Field(default_factory=lambda: Postprocess())
     labels: list[SegmentLabel] = Field(default_factory=list)
+    volume_totals: list[VolumeTotal] = Field(default_factory=list)
     classes: list[ClassLabel] = Field(default_factory=list)
     finding: Code | None = Field(None, description="Concept of a classification finding in the SR.")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="Decision threshold on the positive class.")
@@ -127,9 +223,7 @@ class ModelManifest(_Strict):
     @field_validator("file")
     @classmethod
     def _file(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value.startswith("."):
-            raise ValueError('"file" should be a plain file name inside the package folder.')
-        return value
+        return _plain_file_name(value)
 
     @model_validator(mode="after")
     def _outputs(self) -> ModelManifest:
@@ -139,11 +233,18 @@ class ModelManifest(_Strict):
             values = [label.value for label in self.labels]
             if len(set(values)) != len(values):
                 raise ValueError('"labels" values should be unique.')
+            for total in self.volume_totals:
+                if not set(total.labels) <= set(values):
+                    raise ValueError(f'"volume_totals" {total.name!r} names labels that are not in "labels".')
         else:
             if not self.classes or self.finding is None:
                 raise ValueError('A classification model needs "classes" and "finding".')
             if sorted(c.index for c in self.classes) != list(range(len(self.classes))):
                 raise ValueError('"classes" indices should be 0..n-1.')
+        if (self.input == "header_features") != (self.feature_extractor is not None):
+            raise ValueError('"feature_extractor" is required with, and only with, "input": "header_features".')
+        if self.input == "header_features" and self.task != "classification":
+            raise ValueError('"input": "header_features" is for classification models.')
         return self
 
 
