@@ -126,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="Model packages.")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="List installed models.")
+    models_sub.add_parser("validate", help="Check packages: manifest, codes, SHA-256, ONNX shapes, one inference.")
+    models_sub.add_parser("add", help="Validate a package, then install it into the models folder.")
     sub.add_parser("openapi", help="Write the OpenAPI document to openapi/openapi.json.")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command not in SERVICES:
+    if extra and args.command not in SERVICES and getattr(args, "models_command", None) not in ("validate", "add"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = get_settings()
@@ -146,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(settings, "db")
             db_upgrade(settings)
             return 0
+        if args.command == "models" and args.models_command in ("validate", "add"):
+            return _exec(["-m", "workers.model_admin", args.models_command], extra)
         if args.command == "models":
             return cmd_models_list(settings)
     except (InfergateError, ValueError) as exc:

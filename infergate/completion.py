@@ -30,7 +30,7 @@ class RoutedSeries:
     job_ids: list[int]
 
 
-def facts_of(series: Series) -> SeriesFacts:
+def facts_of(series: Series, findings: dict[str, str] | None = None) -> SeriesFacts:
     image_type = tuple(v for v in (series.image_type or "").split("\\") if v)
     return SeriesFacts(
         modality=series.modality,
@@ -40,6 +40,7 @@ def facts_of(series: Series) -> SeriesFacts:
         num_instances=series.num_instances,
         calling_ae=series.calling_ae,
         called_ae=series.called_ae,
+        findings=findings or {},
     )
 
 
@@ -104,3 +105,25 @@ def complete_quiet_series(
             except Exception as exc:  # noqa: BLE001 - any broker failure: the reconciler re-sends
                 log.warning("could not enqueue job %d (%s); the reconciler will retry", job_id, type(exc).__name__)
     return routed
+
+
+def route_followups(
+    session: Session, series_id: int, *, rules: RoutingRules, packages: dict[str, ModelPackage]
+) -> list[int]:
+    """Create the jobs that rules waiting for findings now call for; returns the new job ids.
+
+    Called by the worker after a classification job of the series finished, so that e.g. only
+    series classified as T1-weighted go on to brain extraction. Existing (series, model) jobs are
+    never duplicated.
+    """
+    series = session.get(Series, series_id)
+    if series is None or series.state == SeriesState.receiving:
+        return []
+    models, _ = rules.route(facts_of(series, queries.top_findings(session, series_id)))
+    job_ids = []
+    for model_id in models:
+        if model_id in packages:
+            job_id = queries.create_job(session, series_id, model_id, packages[model_id].manifest.version)
+            if job_id is not None:
+                job_ids.append(job_id)
+    return job_ids

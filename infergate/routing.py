@@ -15,6 +15,14 @@ Example::
           image_type: [ORIGINAL]
           min_slices: 8
         models: [ct-tissue-seg, ct-bone-classifier]
+      - name: T1 brain
+        match:
+          modality: [MR]
+          findings: {mr-series-type: [T1w]}   # waits for the series-type classifier
+        models: [brain-extraction]
+
+A rule with ``findings`` is evaluated again each time a classification job of the series finishes;
+models it adds are queued then.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ class SeriesFacts:
     num_instances: int = 0
     calling_ae: str | None = None
     called_ae: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    #: The top class name of each classification model already run on the series (model id -> class).
+    findings: dict[str, str] = field(default_factory=dict)
 
 
 def _upper_list(value: object) -> object:
@@ -65,6 +74,11 @@ class Match(BaseModel):
     max_slices: int | None = Field(None, ge=1)
     calling_ae: list[str] | None = None
     called_ae: list[str] | None = None
+    findings: dict[str, list[str]] | None = Field(
+        None,
+        description="Model id -> class names: holds once that classification model ran on the series and "
+        "its most probable class is one of the names (e.g. route only T1-weighted MR to brain extraction).",
+    )
 
     _upper = field_validator("modality", "body_part_examined", "image_type", "calling_ae", "called_ae", mode="before")(
         _upper_list
@@ -100,6 +114,10 @@ class Match(BaseModel):
                 return False
         if self.min_slices is not None and facts.num_instances < self.min_slices:
             return False
+        if self.findings is not None:
+            for model_id, classes in self.findings.items():
+                if facts.findings.get(model_id) not in classes:
+                    return False
         return self.max_slices is None or facts.num_instances <= self.max_slices
 
 
@@ -115,6 +133,10 @@ class RoutingRules(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rules: list[Rule] = Field(default_factory=list)
+
+    def finding_models(self) -> set[str]:
+        """Models whose findings some rule waits for."""
+        return {model_id for rule in self.rules for model_id in (rule.match.findings or {})}
 
     def route(self, facts: SeriesFacts) -> tuple[list[str], list[str]]:
         """Return the model ids for ``facts`` and the names of the rules that matched."""
@@ -145,7 +167,8 @@ def load_rules(path: Path, known_models: set[str] | None = None) -> RoutingRules
     except (ValueError, yaml.YAMLError) as exc:
         raise InvalidInput(f"Routing rules {path} are invalid: {exc}") from exc
     if known_models is not None:
-        unknown = sorted({m for rule in rules.rules for m in rule.models} - known_models)
+        named = {m for rule in rules.rules for m in rule.models} | rules.finding_models()
+        unknown = sorted(named - known_models)
         if unknown:
             raise InvalidInput(f"Routing rules {path} name unknown models: {', '.join(unknown)}.")
     return rules

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.completion import RoutedSeries, complete_quiet_series
 from infergate.config import Settings
+from infergate.errors import InfergateError
 from infergate.jobs import JobSender
-from infergate.manifest import load_all
+from infergate.catalog import Catalog, fingerprint, load_catalog
 from infergate.reconcile import reconcile
-from infergate.routing import load_rules
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,34 @@ class Watcher:
         self.settings = settings
         self.factory = factory
         self.queue = queue
-        self.packages = load_all(settings.models_dir)
-        self.rules = load_rules(settings.routing_rules_path, known_models=set(self.packages))
+        self._fingerprint = fingerprint(settings)
+        self.catalog: Catalog = load_catalog(settings)
         self._last_reconcile = 0.0
 
+    def refresh_catalog(self) -> None:
+        """Reload models and rules when the models folder or the rules changed (``infergate models add``).
+
+        A broken change is logged and the previous catalog kept, so routing never stops.
+        """
+        current = fingerprint(self.settings)
+        if current == self._fingerprint:
+            return
+        self._fingerprint = current
+        try:
+            self.catalog = load_catalog(self.settings)
+        except InfergateError as exc:
+            log.error("models or routing rules changed but are invalid; keeping the previous ones: %s", exc)
+            return
+        log.info("reloaded %d models and %d routing rules", len(self.catalog.packages), len(self.catalog.rules.rules))
+
     def run_once(self) -> list[RoutedSeries]:
+        self.refresh_catalog()
         routed = complete_quiet_series(
             self.factory,
             self.queue,
             quiet=timedelta(seconds=self.settings.series_quiet_seconds),
-            rules=self.rules,
-            packages=self.packages,
+            rules=self.catalog.rules,
+            packages=self.catalog.packages,
         )
         now = time.monotonic()
         if now - self._last_reconcile >= self.settings.reconcile_interval_seconds:
@@ -53,8 +70,8 @@ class Watcher:
         log.info(
             "watcher started: quiet period %.1f s, %d models, %d rules",
             self.settings.series_quiet_seconds,
-            len(self.packages),
-            len(self.rules.rules),
+            len(self.catalog.packages),
+            len(self.catalog.rules.rules),
         )
         while not stop.is_set():
             try:

@@ -19,14 +19,16 @@ from pydicom.dataset import Dataset
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate.catalog import Catalog, fingerprint, load_catalog
+from infergate.completion import route_followups
 from infergate.config import Settings
 from infergate.dicom.seg import build_seg
-from infergate.dicom.sr import ClassificationFinding, SegmentMeasurement, build_sr
+from infergate.dicom.sr import ClassificationFinding, SegmentMeasurement, TotalVolume, build_sr
 from infergate.dicom.storage import replace_file, resolve_inside, result_relpath
 from infergate.dicom.uids import derived_uid
 from infergate.dicom.volume import load_volume
 from infergate.errors import InvalidInput, ModelFailed, NotFound
-from infergate.manifest import ModelPackage, load_all
+from infergate.manifest import ModelPackage
 from infergate.store import queries
 from infergate.store.tables import (
     Export,
@@ -54,14 +56,21 @@ class WorkerContext:
     settings: Settings
     factory: sessionmaker[Session]
     runner: InferenceRunner
-    packages: dict[str, ModelPackage] = field(default_factory=dict)
+    _catalog: Catalog | None = field(default=None, repr=False)
+    _fingerprint: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+
+    def catalog(self) -> Catalog:
+        """Models and rules, re-read when the models folder changed (``infergate models add``)."""
+        current = fingerprint(self.settings)
+        if self._catalog is None or current != self._fingerprint:
+            self._catalog, self._fingerprint = load_catalog(self.settings), current
+        return self._catalog
 
     def package(self, model_id: str) -> ModelPackage:
-        if model_id not in self.packages:
-            self.packages.update(load_all(self.settings.models_dir))
-        if model_id not in self.packages:
+        packages = self.catalog().packages
+        if model_id not in packages:
             raise NotFound(f"Model {model_id!r} is not installed in {self.settings.models_dir}.")
-        return self.packages[model_id]
+        return packages[model_id]
 
 
 class JobOutcome(enum.Enum):
@@ -84,6 +93,7 @@ class JobResult:
     files: list[ResultFile]
     measurements: list[SegmentMeasurement]
     findings: list[ClassificationFinding]
+    totals: list[TotalVolume]
 
 
 def load_series(settings: Settings, session: Session, series_id: int) -> list[Dataset]:
@@ -114,6 +124,7 @@ def make_results(
     files: list[ResultFile] = []
     measurements: list[SegmentMeasurement] = []
     findings: list[ClassificationFinding] = []
+    totals: list[TotalVolume] = []
     seg = None
     if manifest.task == "segmentation":
         assert output.label_map is not None
@@ -131,6 +142,10 @@ def make_results(
         measurements = [
             SegmentMeasurement(segment_number=number, label=label, volume_ml=volumes.get(label.value, 0.0))
             for number, label in enumerate(manifest.labels, start=1)
+        ]
+        totals = [
+            TotalVolume(total=total, volume_ml=sum(volumes.get(value, 0.0) for value in total.labels))
+            for total in manifest.volume_totals
         ]
     else:
         assert output.probabilities is not None
@@ -150,9 +165,10 @@ def make_results(
         series_instance_uid=sr_series,
         sop_instance_uid=sr_instance,
         series_number=series_number + 2,
+        totals=totals,
     )
     files.append(ResultFile("SR", sr, result_relpath(job_id, "SR", sr_instance)))
-    return JobResult(files=files, measurements=measurements, findings=findings)
+    return JobResult(files=files, measurements=measurements, findings=findings, totals=totals)
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -221,6 +237,17 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
                 segment_label=measurement.label.name,
                 name="Volume",
                 value=measurement.volume_ml,
+                unit="mL",
+            )
+        )
+    for total in result.totals:
+        session.add(
+            Measurement(
+                job_id=job_id,
+                segment_number=None,
+                segment_label=total.total.name,
+                name="Volume",
+                value=total.volume_ml,
                 unit="mL",
             )
         )
@@ -298,3 +325,13 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
         return JobOutcome.skipped, None
     log.info("job %d: %s", job_id, outcome.value)
     return outcome, None
+
+
+def followup_jobs(ctx: WorkerContext, job_id: int) -> list[int]:
+    """Jobs that routing rules waiting for this job's findings now call for (created, not yet sent)."""
+    with ctx.factory() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None or job.state not in (JobState.exporting, JobState.done) or not job.findings:
+            return []
+        catalog = ctx.catalog()
+        return route_followups(session, job.series_id, rules=catalog.rules, packages=catalog.packages)

@@ -16,7 +16,7 @@ from infergate.logs import setup_logging
 from infergate.store.session import make_engine, make_session_factory
 from workers.celery_app import app, settings
 from workers.export import export_job
-from workers.pipeline import JobOutcome, WorkerContext, run_job
+from workers.pipeline import JobOutcome, WorkerContext, followup_jobs, run_job
 from workers.runtime import OnnxRunner
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class PipelineTask(Task):  # type: ignore[misc]
 def run_model(self: PipelineTask, **kwargs: Any) -> str:
     payload = RunModel.model_validate(kwargs)
     outcome, delay = run_job(self.ctx, payload.job_id)
+    if outcome in (JobOutcome.exporting, JobOutcome.done):
+        for job_id in followup_jobs(self.ctx, payload.job_id):
+            self.queue.send_run(job_id)
     if outcome is JobOutcome.exporting:
         self.queue.send_export(payload.job_id)
     elif outcome is JobOutcome.retry:

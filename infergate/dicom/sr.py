@@ -25,9 +25,9 @@ from pydicom.sr.codedict import codes
 import infergate
 from infergate.dicom.seg import MANUFACTURER, coded_concept, require_positive_int, segment_tracking_uid
 from infergate.dicom.uids import derived_uid, require_uid
-from infergate.manifest import ClassLabel, ModelManifest, SegmentLabel
+from infergate.manifest import ClassLabel, ModelManifest, SegmentLabel, VolumeTotal
 
-__all__ = ["ClassificationFinding", "SegmentMeasurement", "build_sr", "device_observer_uid"]
+__all__ = ["ClassificationFinding", "SegmentMeasurement", "TotalVolume", "build_sr", "device_observer_uid"]
 
 _MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 _LO_MAX = 64  # maximum length of a LO value such as Series Description (PS3.5 6.2)
@@ -80,6 +80,22 @@ class ClassificationFinding:
     class_label: ClassLabel
     probability: float
     positive: bool | None = None
+
+
+@dataclass(frozen=True)
+class TotalVolume:
+    """The volume of a union of segments (a manifest ``volume_totals`` entry), e.g. the whole body.
+
+    Attributes
+    ----------
+    total: infergate.manifest.VolumeTotal
+        Names the union and its finding type.
+    volume_ml: float
+        Volume in millilitres.
+    """
+
+    total: VolumeTotal
+    volume_ml: float
 
 
 def device_observer_uid(manifest: ModelManifest) -> str:
@@ -215,6 +231,35 @@ def _class_group(
     )
 
 
+def _total_group(
+    total: TotalVolume,
+    sources: list[Dataset],
+    sop_instance_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for a union of segments: no single segment to reference, so it points to the images."""
+    if not isinstance(total, TotalVolume):
+        raise TypeError(f'Items of argument "totals" should be TotalVolume, not {type(total).__name__}.')
+    if not (math.isfinite(total.volume_ml) and total.volume_ml >= 0.0):
+        raise ValueError(f'Argument "totals" has volume {total.volume_ml} for {total.total.name!r}.')
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(sop_instance_uid, "total", total.total.name), identifier=total.total.name
+        ),
+        finding_type=coded_concept(total.total.type),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=float(total.volume_ml),
+                unit=_MILLILITER,
+                algorithm_id=algorithm,
+            )
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+    )
+
+
 def build_sr(
     source_datasets: Sequence[Dataset],
     manifest: ModelManifest,
@@ -226,6 +271,7 @@ def build_sr(
     sop_instance_uid: str,
     series_number: int,
     instance_number: int = 1,
+    totals: Sequence[TotalVolume] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Measurement Report (TID 1500) of one model run as a Comprehensive 3D SR.
 
@@ -246,6 +292,8 @@ def build_sr(
         UIDs of the new series and instance, derived from the job by the caller.
     series_number, instance_number: int
         Positive Series Number and Instance Number.
+    totals: Sequence[TotalVolume]
+        Volumes of unions of segments, one TID 1501 group each, after the segment groups.
 
     Returns
     -------
@@ -290,6 +338,7 @@ def build_sr(
             referenced_series[0].SeriesInstanceUID if referenced_series else sources[0].SeriesInstanceUID
         )
         groups.extend(_volume_group(m, manifest, seg, source_series_uid, algorithm) for m in measurements)
+    groups.extend(_total_group(t, sources, sop_instance_uid, algorithm) for t in totals)
     groups.extend(_class_group(f, manifest, sources, sop_instance_uid, algorithm) for f in findings)
 
     report = hd.sr.MeasurementReport(

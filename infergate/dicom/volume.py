@@ -176,11 +176,17 @@ def _pixels(ds: Dataset, index: int) -> np.ndarray:
 def _load_projection(ds: Dataset) -> Volume:
     """One image without patient geometry: a volume of one slice in an identity frame."""
     # Pixel Spacing is calibrated to the patient; Imager Pixel Spacing is at the detector face.
-    keyword = next((k for k in ("PixelSpacing", "ImagerPixelSpacing") if ds.get(k)), None)
-    if keyword is None:
-        row_spacing = column_spacing = _PROJECTION_DEFAULT_SPACING
-    else:
-        row_spacing, column_spacing = (float(v) for v in _floats(ds, keyword, 2, 0))
+    # Some CR readers write "0.000\0.000" for an uncalibrated plate (pydicom-data's RG1 chest
+    # CR does): all zeros means "unknown", read like an absent attribute (tolerant reading).
+    row_spacing = column_spacing = _PROJECTION_DEFAULT_SPACING
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if not ds.get(keyword):
+            continue
+        numbers = _floats(ds, keyword, 2, 0)
+        if np.all(numbers == 0.0):
+            continue
+        row_spacing, column_spacing = float(numbers[0]), float(numbers[1])
+        break
     if row_spacing <= 0 or column_spacing <= 0:
         raise InvalidInput(f"Image 0 has a non-positive pixel spacing ({row_spacing}, {column_spacing}).")
     pixels = _pixels(ds, 0)

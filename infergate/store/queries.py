@@ -19,6 +19,7 @@ from infergate.store.tables import (
     Base,
     Export,
     ExportState,
+    Finding,
     Job,
     JobState,
     ResultObject,
@@ -223,3 +224,17 @@ def study_with_results(session: Session, study_instance_uid: str) -> Study | Non
         )
     )
     return session.scalar(stmt)
+
+
+def top_findings(session: Session, series_id: int) -> dict[str, str]:
+    """The most probable class of every finished classification job of a series (model id -> name)."""
+    rows = session.execute(
+        select(Job.model_id, Finding.name, Finding.probability)
+        .join(Finding, Finding.job_id == Job.id)
+        .where(Job.series_id == series_id, Job.state.in_([JobState.exporting, JobState.done]))
+    ).all()
+    best: dict[str, tuple[float, str]] = {}
+    for model_id, name, probability in rows:
+        if model_id not in best or probability > best[model_id][0]:
+            best[model_id] = (probability, name)
+    return {model_id: name for model_id, (_, name) in best.items()}

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from infergate import __version__
 from infergate.config import Settings
+from infergate.catalog import fingerprint
 from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
 from service.api.errors import install_error_handlers
@@ -30,6 +31,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session] | None
     app.state.settings = settings
     app.state.session_factory = session_factory or make_session_factory(make_engine(settings))
     app.state.packages = load_all(settings.models_dir, verify_hash=False)
+    app.state.models_fingerprint = fingerprint(settings)
     install_error_handlers(app)
     for module in (health, jobs, results, models):
         app.include_router(module.router)

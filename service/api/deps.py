@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from infergate.config import Settings
-from infergate.manifest import ModelPackage
+from infergate.catalog import fingerprint
+from infergate.manifest import ModelPackage, load_all
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -23,7 +24,12 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 def get_packages(request: Request) -> dict[str, ModelPackage]:
-    packages: dict[str, ModelPackage] = request.app.state.packages
+    """Installed models; re-read when the models folder changed (``infergate models add``)."""
+    state = request.app.state
+    current = fingerprint(state.settings)
+    if current != state.models_fingerprint:
+        state.packages, state.models_fingerprint = load_all(state.settings.models_dir, verify_hash=False), current
+    packages: dict[str, ModelPackage] = state.packages
     return packages
 
 

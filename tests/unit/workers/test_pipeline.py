@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate.config import Settings
 from infergate.dicom.storage import resolve_inside
 from infergate.ingest import InstanceHeader, ingest_instance
-from infergate.manifest import load_all
 from infergate.store import queries
 from infergate.store.tables import Export, ExportState, Job, JobState, ResultObject, Series, utcnow
 from tests.data.make_series import write_ct_series
@@ -67,7 +66,6 @@ def _ctx(settings: Settings, factory: sessionmaker[Session]) -> WorkerContext:
         settings=settings,
         factory=factory,
         runner=OnnxRunner(["CPUExecutionProvider"]),
-        packages=load_all(settings.models_dir),
     )
 
 
