@@ -13,11 +13,11 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate.catalog import Catalog, fingerprint, load_catalog
 from infergate.completion import RoutedSeries, complete_quiet_series
 from infergate.config import Settings
 from infergate.errors import InfergateError
 from infergate.jobs import JobSender
-from infergate.catalog import Catalog, fingerprint, load_catalog
 from infergate.reconcile import reconcile
 
 log = logging.getLogger(__name__)

@@ -86,7 +86,7 @@ def check_codes(manifest: ModelManifest, report: Report) -> None:
         if code.scheme.startswith("99"):
             report.notes.append(f'manifest field "{name}": private code {code.scheme} {code.value}')
             continue
-        table = concepts.get(code.scheme)
+        table: dict[str, dict[str, tuple[str, list[int]]]] | None = concepts.get(code.scheme)  # type: ignore[assignment]
         if table is None:
             report.errors.append(f'manifest field "{name}": unknown coding scheme {code.scheme!r}')
             continue
@@ -99,9 +99,11 @@ def check_codes(manifest: ModelManifest, report: Report) -> None:
             )
 
 
-def _onnx_files(manifest: ModelManifest) -> list[tuple[str, str, str | None, str, str]]:
+def _onnx_files(manifest: ModelManifest) -> list[tuple[str, str, str, str, str]]:
     """(field, file, sha256, input name, output name) of every ONNX file of the package."""
-    files = [("file", manifest.file, manifest.sha256, manifest.input_name, manifest.output_name)]
+    files: list[tuple[str, str, str, str, str]] = [
+        ("file", manifest.file, manifest.sha256, manifest.input_name, manifest.output_name)
+    ]
     roi = manifest.preprocess.roi
     if roi is not None:
         files.append(("preprocess.roi.file", roi.file, roi.sha256, roi.input_name, roi.output_name))
@@ -127,14 +129,18 @@ def check_onnx(folder: Path, manifest: ModelManifest, report: Report) -> None:
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         if input_name not in inputs:
-            report.errors.append(f'manifest field "input_name": {input_name!r} is not an input of {file} ({list(inputs)})')
+            report.errors.append(
+                f'manifest field "input_name": {input_name!r} is not an input of {file} ({list(inputs)})'
+            )
         elif manifest.input == "image" and len(inputs[input_name].shape) != image_rank:
             report.errors.append(
                 f'manifest field "accepts.dimensionality": {file} input has rank {len(inputs[input_name].shape)}, '
                 f"a {manifest.accepts.dimensionality}D model needs rank {image_rank}"
             )
         if output_name not in outputs:
-            report.errors.append(f'manifest field "output_name": {output_name!r} is not an output of {file} ({list(outputs)})')
+            report.errors.append(
+                f'manifest field "output_name": {output_name!r} is not an output of {file} ({list(outputs)})'
+            )
             continue
         if name != "file":
             continue
@@ -142,7 +148,8 @@ def check_onnx(folder: Path, manifest: ModelManifest, report: Report) -> None:
         classes = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
         if manifest.task == "classification" and classes is not None and classes != len(manifest.classes):
             report.errors.append(
-                f'manifest field "classes": {file} outputs {classes} classes, the manifest names {len(manifest.classes)}'
+                f'manifest field "classes": {file} outputs {classes} classes, '
+                f"the manifest names {len(manifest.classes)}"
             )
         if manifest.task == "segmentation" and classes is not None and manifest.postprocess.threshold is None:
             needed = max(label.value for label in manifest.labels) + 1
@@ -187,7 +194,9 @@ def check_inference(folder: Path, manifest: ModelManifest, report: Report) -> No
         elif not set(np.unique(label_map).tolist()) <= allowed:
             report.errors.append("synthetic inference: the label map holds values that are not manifest labels")
         else:
-            report.notes.append(f"synthetic inference: label map {label_map.shape}, labels {np.unique(label_map).tolist()}")
+            report.notes.append(
+                f"synthetic inference: label map {label_map.shape}, labels {np.unique(label_map).tolist()}"
+            )
 
 
 def validate(folder: Path) -> Report:

@@ -25,9 +25,7 @@ _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def _phantom(slices: int, size: int, modality: str) -> np.ndarray:
-    z, y, x = np.meshgrid(
-        np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij"
-    )
+    z, y, x = np.meshgrid(np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     inside = (x / 0.7) ** 2 + (y / 0.6) ** 2 + (z / 1.2) ** 2 <= 1.0
     core = (x / 0.2) ** 2 + ((y + 0.3) / 0.2) ** 2 <= 1.0
     if modality == "CT":  # air, soft tissue, bone (HU + 1024, stored unsigned)

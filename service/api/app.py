@@ -7,8 +7,8 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate import __version__
-from infergate.config import Settings
 from infergate.catalog import fingerprint
+from infergate.config import Settings
 from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
 from service.api.errors import install_error_handlers

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from infergate.config import Settings
 from infergate.catalog import fingerprint
+from infergate.config import Settings
 from infergate.manifest import ModelPackage, load_all
 
 
