@@ -135,6 +135,40 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     return sources
 
 
+#: Attributes highdicom 0.28 reads, by Modality, for the modality-specific Image Library Entry
+#: Descriptors (TID 1603 projection radiography, TID 1604 cross-sectional); each needs a value.
+_LIBRARY_DESCRIPTOR_KEYWORDS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"), ("PatientOrientation", "ImagerPixelSpacing")),
+    **dict.fromkeys(
+        ("CT", "MR", "PT"), ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
+    ),
+}
+
+
+def _library_entry(ds: Dataset) -> Dataset:
+    """The dataset to describe ``ds`` in the Image Library (TID 1600) from.
+
+    highdicom reads the modality-specific descriptors unconditionally, so a valid image without them
+    (a CR without Imager Pixel Spacing, which the CR Image module makes optional, or with an empty
+    Type 2 Patient Orientation) raises. Every one of those descriptors is optional ("U") in TID 1603
+    and TID 1604, so such an image is described by a copy that highdicom does not classify by
+    Modality: the entry still gets the modality (highdicom codes it from the SOP Class), rows,
+    columns and frame of reference, and no invented spacing or orientation.
+    """
+    needed = _LIBRARY_DESCRIPTOR_KEYWORDS.get(str(ds.get("Modality", "")), ())
+    if all(len(ds.get(keyword) or ()) > 0 for keyword in needed if keyword != "SliceThickness") and (
+        "SliceThickness" not in needed or ds.get("SliceThickness") not in (None, "")
+    ):
+        if "PatientOrientation" not in needed or len(ds.PatientOrientation) == 2:
+            return ds
+    entry = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in ds:
+            setattr(entry, keyword, ds[keyword].value)
+    entry.Modality = ""
+    return entry
+
+
 def _volume_group(
     measurement: SegmentMeasurement,
     manifest: ModelManifest,
@@ -345,7 +379,7 @@ def build_sr(
         observation_context=_observation_context(manifest),
         procedure_reported=_PROCEDURES.get(str(sources[0].get("Modality", "")), _IMAGING_PROCEDURE),
         imaging_measurements=groups,
-        referenced_images=sources,
+        referenced_images=[_library_entry(ds) for ds in sources],
     )
     evidence = [*sources, seg] if seg is not None else sources
     return hd.sr.Comprehensive3DSR(
