@@ -20,9 +20,16 @@ import numpy as np
 from infergate.dicom.volume import Volume
 from infergate.errors import InfergateError, InvalidInput, ModelFailed
 from infergate.manifest import ModelManifest, ModelPackage
-from workers.postprocess import classification_probabilities, segmentation_to_source
+from workers.postprocess import (
+    channel_probability,
+    classification_probabilities,
+    clean_labels,
+    label_map_from_scores,
+    labels_to_source,
+    threshold_labels,
+)
 from workers.preprocess import prepare
-from workers.runtime import InferenceRunner
+from workers.runtime import InferenceRunner, RegionRunner
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +188,14 @@ def _key(index: int, window: tuple[slice, ...]) -> tuple[int | slice, ...]:
     return (index, *window)
 
 
-def _checked_predict(runner: InferenceRunner, package: ModelPackage, n_classes: int, spatial_output: bool) -> Predict:
-    """``runner.run`` with its failures and malformed outputs turned into :class:`ModelFailed`."""
+def _checked_predict(
+    runner: InferenceRunner, package: ModelPackage, n_classes: int | None, spatial_output: bool, min_classes: int = 1
+) -> Predict:
+    """``runner.run`` with its failures and malformed outputs turned into :class:`ModelFailed`.
+
+    ``n_classes`` None accepts any number of channels from ``min_classes`` up (a thresholded
+    output only needs the channel it reads).
+    """
     model_id = package.manifest.id
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -193,17 +206,71 @@ def _checked_predict(runner: InferenceRunner, package: ModelPackage, n_classes: 
         except Exception as exc:  # any runtime failure is permanent for this input and model
             raise ModelFailed(f"Model {model_id!r} failed on input {batch.shape}: {exc}") from exc
         output = np.asarray(output)
-        expected = (batch.shape[0], n_classes, *batch.shape[2:]) if spatial_output else (batch.shape[0], n_classes)
-        if output.shape != expected:
+        channels = n_classes if n_classes is not None else (output.shape[1] if output.ndim > 1 else 0)
+        expected = (batch.shape[0], channels, *batch.shape[2:]) if spatial_output else (batch.shape[0], channels)
+        if output.shape != expected or channels < min_classes:
+            implied = f"{n_classes} classes" if n_classes is not None else f"at least {min_classes} channels"
             raise ModelFailed(
                 f"Model {model_id!r} returned shape {output.shape} for input {batch.shape}; the manifest "
-                f"implies {expected} ({n_classes} classes)."
+                f"implies {expected} ({implied})."
             )
         if not np.all(np.isfinite(output)):
             raise ModelFailed(f"Model {model_id!r} returned NaN or infinite values.")
         return output.astype(np.float32, copy=False)
 
     return predict
+
+
+def _roi_predict(runner: InferenceRunner, package: ModelPackage) -> Predict | None:
+    """The region-of-interest network of ``package`` as a checked function, or None if it has none."""
+    roi = package.manifest.preprocess.roi
+    if roi is None:
+        return None
+    model_id = package.manifest.id
+    if not isinstance(runner, RegionRunner):
+        raise ModelFailed(f"Model {model_id!r} has a region-of-interest model but the runner cannot run it.")
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        try:
+            output = np.asarray(runner.run_file(package, roi, batch))
+        except InfergateError:
+            raise
+        except Exception as exc:  # as for the main network: permanent for this input
+            raise ModelFailed(f"Region-of-interest model {roi.file} of {model_id!r} failed: {exc}") from exc
+        if not np.all(np.isfinite(output)):
+            raise ModelFailed(f"Region-of-interest model {roi.file} of {model_id!r} returned NaN or infinite values.")
+        return output.astype(np.float32, copy=False)
+
+    return predict
+
+
+def _segment(
+    images: np.ndarray, package: ModelPackage, runner: InferenceRunner, patch: Sequence[int] | None
+) -> np.ndarray:
+    """Labels of ``(L, *spatial)`` images on the model grid: argmax of the scores, or a threshold.
+
+    With ``postprocess.threshold`` only the probability of one channel is kept from each patch, so
+    the blended map is one channel rather than all of them.
+    """
+    manifest = package.manifest
+    settings, post = manifest.preprocess, manifest.postprocess
+    if post.threshold is None:
+        n_classes = max(label.value for label in manifest.labels) + 1
+        predict = _checked_predict(runner, package, n_classes, spatial_output=True)
+    else:
+        n_classes = 1
+        raw = _checked_predict(runner, package, None, spatial_output=True, min_classes=post.channel + 1)
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return channel_probability(raw(batch), post, class_axis=1)
+
+    if patch is None:  # the whole image at once: one window, plain weights, exact output
+        scores = sliding_window(images, images.shape[1:], 0.0, settings.batch_size, predict, n_classes, "uniform")
+    else:
+        scores = sliding_window(images, patch, settings.overlap, settings.batch_size, predict, n_classes)
+    if post.threshold is None:
+        return label_map_from_scores(scores, class_axis=1)
+    return threshold_labels(scores, post.threshold, class_axis=1)
 
 
 def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> InferenceOutput:
@@ -237,7 +304,7 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
     dimensionality = manifest.accepts.dimensionality
     settings = manifest.preprocess
     try:
-        prepared = prepare(volume, settings, dimensionality)
+        prepared = prepare(volume, settings, dimensionality, _roi_predict(runner, package))
     except ValueError as exc:
         raise ModelFailed(f"Manifest of {manifest.id!r}: {exc}") from exc
     # A 3-D model sees one image (the volume); a 2-D model sees each slice as an image.
@@ -245,23 +312,20 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
     spatial = images.shape[1:]
 
     if manifest.task == "segmentation":
-        n_classes = max(label.value for label in manifest.labels) + 1
-        predict = _checked_predict(runner, package, n_classes, spatial_output=True)
         patch = settings.patch_size
         if patch is not None and len(patch) != len(spatial):
             raise ModelFailed(f'Manifest of {manifest.id!r}: "patch_size" should have {len(spatial)} values.')
-        if patch is None:  # the whole image at once: one window, plain weights, exact output
-            scores = sliding_window(images, spatial, 0.0, settings.batch_size, predict, n_classes, blend="uniform")
-        else:
-            scores = sliding_window(images, patch, settings.overlap, settings.batch_size, predict, n_classes)
-        if dimensionality == 3:
-            label_map = segmentation_to_source(scores[0], prepared.source_shape, class_axis=0)
-        else:
-            label_map = segmentation_to_source(scores, prepared.source_shape, class_axis=1)
+        labels = _segment(images, package, runner, patch)
+        grid_labels = labels[0] if dimensionality == 3 else labels
+        label_map = clean_labels(labels_to_source(grid_labels, prepared), manifest.postprocess)
         return InferenceOutput(label_map=label_map, probabilities=None)
 
     if settings.patch_size is not None:
         raise ModelFailed(f'Manifest of {manifest.id!r}: "patch_size" is only meaningful for segmentation.')
     predict = _checked_predict(runner, package, len(manifest.classes), spatial_output=False)
     logits = predict(np.ascontiguousarray(images[:1, np.newaxis], dtype=np.float32))
-    return InferenceOutput(label_map=None, probabilities=classification_probabilities(logits))
+    try:
+        probabilities = classification_probabilities(logits, manifest.postprocess.activation)
+    except ValueError as exc:
+        raise ModelFailed(f"Model {manifest.id!r}: {exc}") from exc
+    return InferenceOutput(label_map=None, probabilities=probabilities)

@@ -24,6 +24,8 @@ from pydicom.sr._concepts_dict import concepts
 from infergate.config import get_settings
 from infergate.errors import InfergateError
 from infergate.manifest import Code, ModelManifest, ModelPackage, file_sha256
+from workers.header_features import classify_from_headers
+from workers.inference import infer
 from workers.runtime import OnnxRunner
 from workers.synthetic import synthetic_series
 
@@ -161,15 +163,13 @@ def check_onnx(folder: Path, manifest: ModelManifest, report: Report) -> None:
 
 def check_inference(folder: Path, manifest: ModelManifest, report: Report) -> None:
     """One run on a synthetic series through the worker's own path; outputs must match the manifest."""
-    from workers.inference import infer
-
     package = ModelPackage(manifest=manifest, folder=folder)
     runner = OnnxRunner(["CPUExecutionProvider"])
     datasets, volume = synthetic_series(manifest)
+    probabilities: np.ndarray | None
+    label_map: np.ndarray | None
     try:
         if manifest.input == "header_features":
-            from workers.header_features import classify_from_headers
-
             probabilities = classify_from_headers(datasets, package, runner)
             label_map = None
         else:

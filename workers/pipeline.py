@@ -42,6 +42,7 @@ from infergate.store.tables import (
     Series,
     utcnow,
 )
+from workers.header_features import classify_from_headers
 from workers.inference import InferenceOutput, infer
 from workers.postprocess import segment_volumes_ml
 from workers.runtime import InferenceRunner
@@ -116,7 +117,7 @@ def make_results(
     datasets: list[Dataset],
     package: ModelPackage,
     output: InferenceOutput,
-    volume_spacing: tuple[float, float, float],
+    volume_spacing: tuple[float, float, float] | None,
 ) -> JobResult:
     """Turn an inference output into SEG/SR datasets and the values to record."""
     manifest = package.manifest
@@ -127,7 +128,7 @@ def make_results(
     totals: list[TotalVolume] = []
     seg = None
     if manifest.task == "segmentation":
-        assert output.label_map is not None
+        assert output.label_map is not None and volume_spacing is not None
         seg_series, seg_instance = result_uids(series_uid, package, "SEG")
         seg = build_seg(
             datasets,
@@ -188,9 +189,16 @@ def compute(ctx: WorkerContext, job_id: int) -> JobResult:
         package = ctx.package(job.model_id)
         datasets = load_series(ctx.settings, session, series.id)
         series_uid = series.series_instance_uid
-    volume = load_volume(datasets)
-    output = infer(volume, package, ctx.runner)
-    result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing)
+    if package.manifest.input == "header_features":
+        # Header-only models need no pixels: no volume, so no geometry checks either.
+        datasets.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
+        probabilities = classify_from_headers(datasets, package, ctx.runner)
+        output = InferenceOutput(label_map=None, probabilities=probabilities)
+        result = make_results(job_id, series_uid, datasets, package, output, None)
+    else:
+        volume = load_volume(datasets)
+        output = infer(volume, package, ctx.runner)
+        result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing)
     for item in result.files:
         replace_file(ctx.settings.data_path, item.relpath, _encode(item.dataset))
     return result

@@ -1,17 +1,39 @@
 """From raw network outputs to results on the source grid: label maps, probabilities, volumes.
 
-Segmentation scores are turned into labels on the model's grid first and only the labels are
+Segmentation scores are turned into labels on the model's grid first (``argmax``, or a threshold on
+one channel's probability as :class:`~infergate.manifest.Postprocess` says) and only the labels are
 mapped back, with nearest-neighbour lookup: interpolating labels (or resampling every class's
 scores at full resolution) would cost far more memory and could invent labels between two others.
+Mapping back undoes the preprocessing's geometry in reverse order: the padding of a ``fit`` resize,
+the resize, the region-of-interest crop (zeros outside it) and the reorientation. Connected-component
+and hole clean-up (:mod:`workers.morphology`) then runs at the source resolution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
+from scipy.special import expit
 
-from infergate.manifest import SegmentLabel
+from infergate.manifest import Postprocess, SegmentLabel
+from workers.morphology import clean_labels
+from workers.preprocess import PreparedInput
+from workers.resample import resample_nearest
+
+__all__ = [
+    "channel_probability",
+    "classification_probabilities",
+    "clean_labels",
+    "label_map_from_scores",
+    "labels_to_source",
+    "resample_nearest",
+    "segment_volumes_ml",
+    "segmentation_to_source",
+    "softmax",
+    "threshold_labels",
+]
 
 
 def label_map_from_scores(scores: np.ndarray, class_axis: int = 0) -> np.ndarray:
@@ -39,26 +61,6 @@ def label_map_from_scores(scores: np.ndarray, class_axis: int = 0) -> np.ndarray
     return np.argmax(scores, axis=class_axis).astype(np.uint8)
 
 
-def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each of ``n_out`` voxels when ``n_in`` voxels span the same extent."""
-    centres = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)
-    return np.minimum(np.floor(centres).astype(np.intp), n_in - 1)
-
-
-def resample_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map to exactly ``shape``, edges aligned.
-
-    The inverse of :func:`workers.preprocess.resample_linear`'s grid mapping, so that a voxel of
-    the source lands on the model voxel that covered it.
-    """
-    if labels.ndim != len(shape):
-        raise ValueError(f'Argument "shape" {shape} should have {labels.ndim} values, one per axis of "labels".')
-    if tuple(labels.shape) == tuple(shape):
-        return labels
-    index = np.ix_(*(_nearest_indices(n_in, n_out) for n_in, n_out in zip(labels.shape, shape, strict=True)))
-    return labels[index]
-
-
 def segmentation_to_source(scores: np.ndarray, source_shape: tuple[int, int, int], class_axis: int) -> np.ndarray:
     """Label map of per-class ``scores`` on the model grid, mapped onto the source grid.
 
@@ -83,6 +85,63 @@ def segmentation_to_source(scores: np.ndarray, source_shape: tuple[int, int, int
     return resample_nearest(labels, source_shape)
 
 
+def channel_probability(output: np.ndarray, postprocess: Postprocess, class_axis: int = 1) -> np.ndarray:
+    """Probability of class ``postprocess.channel`` from a network output, keeping a class axis of 1.
+
+    ``activation`` says what the output already is: ``softmax``/``sigmoid`` probabilities are taken
+    as they are; raw scores (``none``) get a softmax over the class axis, or a sigmoid when the
+    output has a single channel. Softmax is per voxel, so applying it per patch before blending
+    equals applying it afterwards.
+
+    Raises
+    ------
+    ValueError
+        The output has no channel ``postprocess.channel``.
+    """
+    values = np.asarray(output)
+    channels = values.shape[class_axis]
+    if postprocess.channel >= channels:
+        raise ValueError(f'Postprocess "channel" {postprocess.channel} is missing from {channels} output channels.')
+    if postprocess.activation != "none":
+        probability = values
+    elif channels == 1:
+        probability = expit(values)
+    else:
+        probability = softmax(values, axis=class_axis)
+    return np.asarray(probability.take([postprocess.channel], axis=class_axis), dtype=np.float32)
+
+
+def threshold_labels(probability: np.ndarray, threshold: float, class_axis: int) -> np.ndarray:
+    """Label 1 where the single-channel ``probability`` exceeds ``threshold`` (strictly, as deepbet)."""
+    return (np.take(probability, 0, axis=class_axis) > threshold).astype(np.uint8)
+
+
+def labels_to_source(labels: np.ndarray, prepared: PreparedInput) -> np.ndarray:
+    """Map a label map on the model grid back onto the source volume's (slice, row, column) grid.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        uint8 labels with the shape of ``prepared.array``.
+    prepared : PreparedInput
+        Says how the model grid was made from the source.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 ``prepared.source_shape`` labels (a new, contiguous array).
+    """
+    if labels.shape != prepared.array.shape:
+        raise ValueError(f'Argument "labels" has shape {labels.shape}; the model grid is {prepared.array.shape}.')
+    inside = labels[prepared.content] if prepared.content is not None else labels
+    region = resample_nearest(inside, prepared.region_shape)
+    if prepared.crop is not None:
+        full = np.zeros(prepared.orientation.shape(prepared.source_shape), dtype=np.uint8)
+        full[prepared.crop] = region
+        region = full
+    return np.ascontiguousarray(prepared.orientation.invert(region), dtype=np.uint8)
+
+
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax (the largest logit is subtracted before ``exp``)."""
     values = np.asarray(logits, dtype=np.float64)
@@ -91,20 +150,30 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return exp / np.sum(exp, axis=axis, keepdims=True)
 
 
-def classification_probabilities(logits: np.ndarray) -> np.ndarray:
-    """Probabilities per class of one input from ``(1, C)`` (or ``(C,)``) logits.
+def classification_probabilities(
+    logits: np.ndarray, activation: Literal["none", "softmax", "sigmoid"] = "none"
+) -> np.ndarray:
+    """Probabilities per class of one input from a ``(1, C)`` (or ``(C,)``) output.
+
+    ``activation`` is what the output already is (``Postprocess.activation``): raw logits
+    (``none``) get a softmax; probabilities are kept as they are.
 
     Raises
     ------
     ValueError
-        ``logits`` holds more than one row; one series gets one answer.
+        ``logits`` holds more than one row (one series gets one answer), or claimed probabilities
+        lie outside [0, 1].
     """
     values = np.asarray(logits)
     if values.ndim == 2 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 1:
         raise ValueError(f'Argument "logits" should have shape (1, C) or (C,), not {values.shape}.')
-    return softmax(values)
+    if activation == "none":
+        return softmax(values)
+    if np.any(values < -1e-6) or np.any(values > 1.0 + 1e-6):
+        raise ValueError(f'The output should be probabilities ("activation": "{activation}") but leaves [0, 1].')
+    return np.clip(values.astype(np.float64), 0.0, 1.0)
 
 
 def segment_volumes_ml(

@@ -1,25 +1,32 @@
 """From a :class:`~infergate.dicom.volume.Volume` to the array a model expects.
 
-The steps and their order come from the manifest (:class:`~infergate.manifest.Preprocess`):
-the volume is already in modality units, then it is resampled to the model's grid, then its
-intensities are normalised. The returned :class:`PreparedInput` remembers the source shape so that
-the outputs can be mapped back onto the source slices exactly.
+The steps and their order come from the manifest (:class:`~infergate.manifest.Preprocess`): the
+volume is already in modality units; it is reoriented to the model's patient axes, optionally cropped
+to the box a region-of-interest model finds (:mod:`workers.roi`), resampled to the model's grid
+(stretched, or fitted with its aspect ratio kept and padded), and its intensities are normalised
+(:mod:`workers.intensity`). The returned :class:`PreparedInput` records each geometric step so that
+:func:`workers.postprocess.labels_to_source` can undo them exactly, in reverse order.
 
-Grids are aligned by their outer edges (scipy's ``grid_mode=True``, PyTorch's
-``align_corners=False``): a voxel covers the same physical extent before and after resampling,
-so the field of view is kept and the two directions of mapping agree.
+Grids are aligned by their outer edges (:mod:`workers.resample`), so a voxel covers the same
+physical extent before and after resampling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
 
 from infergate.dicom.volume import Volume
 from infergate.manifest import Preprocess
+from workers.intensity import normalise_intensity, percentile_bounds, voi_source
+from workers.orientation import Reorientation, reorientation
+from workers.resample import fit_into, fit_placement, resample, resample_linear
+from workers.roi import find_region
+
+__all__ = ["PreparedInput", "model_grid_shape", "normalise_intensity", "prepare", "resample_linear"]
 
 
 @dataclass(frozen=True)
@@ -29,17 +36,34 @@ class PreparedInput:
     Attributes
     ----------
     array : numpy.ndarray
-        float32 ``(slices, rows, columns)`` on the model's grid. For a 2-D model only the rows and
-        columns are resampled and each slice is one image.
+        float32 ``(slices, rows, columns)`` on the model's grid (axes in the model's orientation).
+        For a 2-D model only the rows and columns are resampled and each slice is one image.
     source_shape : tuple[int, int, int]
         ``(slices, rows, columns)`` of the source volume.
     spacing : tuple[float, float, float]
         mm between voxel centres of ``array`` along its three axes.
+    orientation : Reorientation
+        How the source axes were permuted and flipped (identity when the manifest keeps them).
+    crop : tuple[slice, slice, slice] | None
+        The region-of-interest box in the reoriented source, or None for the whole volume.
+    content : tuple[slice, slice, slice] | None
+        The part of ``array`` holding the image after a ``fit`` resize (the rest is padding); None
+        when the image fills the grid.
+    region_shape : tuple[int, int, int]
+        Shape of what was resampled onto the grid: the crop, or the whole reoriented volume.
     """
 
     array: np.ndarray
     source_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    orientation: Reorientation = field(default_factory=Reorientation)
+    crop: tuple[slice, slice, slice] | None = None
+    content: tuple[slice, slice, slice] | None = None
+    region_shape: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        if self.region_shape == (0, 0, 0):  # default: the whole (reoriented) source was resampled
+            object.__setattr__(self, "region_shape", self.orientation.shape(self.source_shape))
 
 
 def model_grid_shape(
@@ -93,44 +117,40 @@ def _check_length(name: str, values: list[float] | list[int], axes: int) -> None
         raise ValueError(f'Preprocess "{name}" has {len(values)} values but the model is {axes}-D.')
 
 
-def resample_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Linearly resample ``array`` to exactly ``shape``, edges aligned.
+def _triple(values: tuple[float, ...]) -> tuple[float, float, float]:
+    return float(values[0]), float(values[1]), float(values[2])
 
-    Linear rather than cubic interpolation never overshoots, so a thresholding model sees no
-    ringing at sharp edges such as bone next to soft tissue.
+
+def _resize(
+    array: np.ndarray,
+    spacing: tuple[float, float, float],
+    preprocess: Preprocess,
+    dimensionality: Literal[2, 3],
+) -> tuple[np.ndarray, tuple[float, float, float], tuple[slice, slice, slice] | None]:
+    """Resample to the model grid: stretched, or fitted with the aspect ratio kept (then padded).
+
+    Returns the resampled array, its voxel spacing and, for ``fit``, the region holding the image.
     """
-    if tuple(array.shape) == tuple(shape):
-        return np.asarray(array, dtype=np.float32)
-    # scipy derives the output shape as round(n_in * zoom), which is exactly n_out here.
-    zoom = [n_out / n_in for n_in, n_out in zip(array.shape, shape, strict=True)]
-    return ndimage.zoom(np.asarray(array, dtype=np.float32), zoom, order=1, mode="nearest", grid_mode=True)
+    shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
+    grid = model_grid_shape(shape, spacing, preprocess, dimensionality)
+    if preprocess.resize != "fit":
+        stretched = tuple(s * n / m for s, n, m in zip(spacing, shape, grid, strict=True))
+        return resample(array, grid, preprocess.interpolation), _triple(stretched), None
+    axes = 3 if dimensionality == 3 else 2
+    content_shape, placed = fit_placement(shape[3 - axes :], spacing[3 - axes :], grid[3 - axes :])
+    content = (*(slice(0, n) for n in shape[: 3 - axes]), *placed)
+    fitted = tuple(s * n / m for s, n, m in zip(spacing, shape, (*shape[: 3 - axes], *content_shape), strict=True))
+    region = (content[0], content[1], content[2])
+    return fit_into(array, grid, region, preprocess.interpolation), _triple(fitted), region
 
 
-def normalise_intensity(array: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    """Apply the manifest's intensity step.
-
-    ``window`` clips to ``[center - width/2, center + width/2]`` and maps that range linearly onto
-    ``[0, 1]``; ``zscore`` subtracts the mean and divides by the standard deviation (1 when the
-    image is constant, which would otherwise divide by zero); ``none`` returns the values as they
-    are.
-    """
-    values = np.asarray(array, dtype=np.float32)
-    if preprocess.intensity == "window":
-        window = preprocess.window
-        if window is None:  # the manifest validator already refuses this
-            raise ValueError('"intensity": "window" needs a "window".')
-        low = window.center - window.width / 2.0
-        scaled = (values - np.float32(low)) * np.float32(1.0 / window.width)
-        return np.clip(scaled, 0.0, 1.0, out=scaled)
-    if preprocess.intensity == "zscore":
-        mean = float(values.mean(dtype=np.float64))
-        std = float(values.std(dtype=np.float64)) or 1.0
-        return ((values - np.float32(mean)) * np.float32(1.0 / std)).astype(np.float32, copy=False)
-    return values.copy()
-
-
-def prepare(volume: Volume, preprocess: Preprocess, dimensionality: Literal[2, 3]) -> PreparedInput:
-    """Resample ``volume`` to the model's grid and normalise its intensities.
+def prepare(
+    volume: Volume,
+    preprocess: Preprocess,
+    dimensionality: Literal[2, 3],
+    roi_predict: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> PreparedInput:
+    """Reorient, crop, resample and normalise ``volume`` as the manifest says.
 
     Parameters
     ----------
@@ -140,23 +160,44 @@ def prepare(volume: Volume, preprocess: Preprocess, dimensionality: Literal[2, 3
         The manifest's preprocessing section.
     dimensionality : {2, 3}
         The model's dimensionality (``accepts.dimensionality``).
+    roi_predict : Callable[[numpy.ndarray], numpy.ndarray] | None
+        Runs the region-of-interest network; required when ``preprocess.roi`` is set.
 
     Returns
     -------
     PreparedInput
-        The normalised array on the model grid.
+        The normalised array on the model grid and the geometry to map results back.
 
     Raises
     ------
     ValueError
-        The manifest's targets do not match ``dimensionality``.
+        The manifest's targets do not match ``dimensionality``, or it has a ``roi`` but no
+        ``roi_predict`` was given.
+    ModelFailed
+        The region-of-interest model found nothing to crop.
     """
-    source_shape = volume.shape
-    grid = model_grid_shape(source_shape, volume.spacing, preprocess, dimensionality)
-    spacing = tuple(s * n / m for s, n, m in zip(volume.spacing, source_shape, grid, strict=True))
-    resampled = resample_linear(volume.array, grid)
+    orientation = reorientation(volume.direction, preprocess.orientation)
+    array = orientation.apply(volume.array)
+    spacing = orientation.spacing(volume.spacing)
+    voi = voi_source(volume) if preprocess.intensity == "voi" else None
+    crop: tuple[slice, slice, slice] | None = None
+    bounds: tuple[float, float] | None = None
+    if preprocess.roi is not None:
+        if roi_predict is None:
+            raise ValueError('Preprocess has a "roi" but no region-of-interest model was given to run it.')
+        region = find_region(array, preprocess, dimensionality, roi_predict, voi)
+        crop, bounds = region.crop, region.bounds
+        array = array[crop]
+    region_shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
+    resized, grid_spacing, content = _resize(array, spacing, preprocess, dimensionality)
+    if bounds is None and preprocess.intensity == "percentile":
+        bounds = percentile_bounds(resized[content] if content is not None else resized, preprocess.percentiles)
     return PreparedInput(
-        array=normalise_intensity(resampled, preprocess),
-        source_shape=source_shape,
-        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        array=normalise_intensity(resized, preprocess, bounds=bounds, voi=voi),
+        source_shape=volume.shape,
+        spacing=grid_spacing,
+        orientation=orientation,
+        crop=crop,
+        content=content,
+        region_shape=region_shape,
     )

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
 
 from infergate.errors import ModelFailed, NotFound
-from infergate.manifest import ModelPackage
+from infergate.manifest import ModelManifest, ModelPackage, RegionOfInterest
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,25 @@ class InferenceRunner(Protocol):
         package : ModelPackage
             The model to run.
         batch : numpy.ndarray
-            float32 input in the manifest's layout, ``(N, 1, D, H, W)`` or ``(N, 1, H, W)``.
+            float32 input in the manifest's layout, ``(N, 1, D, H, W)`` or ``(N, 1, H, W)``, or
+            ``(N, F)`` header features.
 
         Returns
         -------
         numpy.ndarray
             The raw output named by the manifest's ``output_name``: ``(N, C, ...)`` scores for
-            segmentation, ``(N, C)`` logits for classification.
+            segmentation, ``(N, C)`` logits (or probabilities, see ``postprocess.activation``) for
+            classification.
         """
+        ...
+
+
+@runtime_checkable
+class RegionRunner(Protocol):
+    """A runner that can also run a package's region-of-interest file (a model cascade)."""
+
+    def run_file(self, package: ModelPackage, file: RegionOfInterest, batch: np.ndarray) -> np.ndarray:
+        """Run the ONNX file ``file.file`` of ``package`` on ``batch`` with ``file``'s tensor names."""
         ...
 
 
@@ -82,6 +94,28 @@ def resolve_providers(requested: list[str], available: list[str] | None = None) 
             else:
                 log.warning("ONNX Runtime provider %s is not available here; skipped", candidate)
     return [*resolved, CPU_PROVIDER]
+
+
+def zipmap_to_array(rows: list[dict[Any, float]], manifest: ModelManifest) -> np.ndarray:
+    """``(N, C)`` float32 probabilities from a ZipMap output (one ``{label: probability}`` per input).
+
+    skl2onnx ends scikit-learn classifiers with a ZipMap unless told not to. Its keys are the training
+    labels: integers are taken as the manifest's class indices, strings are matched to class names.
+
+    Raises
+    ------
+    ModelFailed
+        A row does not have exactly one probability per manifest class.
+    """
+    columns: dict[Any, int] = {c.index: c.index for c in manifest.classes} | {c.name: c.index for c in manifest.classes}
+    array = np.zeros((len(rows), len(manifest.classes)), dtype=np.float32)
+    for row_index, row in enumerate(rows):
+        keys = [int(k) if isinstance(k, int | np.integer) else k for k in row]
+        if sorted(columns.get(k, -1) for k in keys) != list(range(len(manifest.classes))):
+            raise ModelFailed(f"Model {manifest.id!r} output labels {sorted(map(str, row))} do not match its classes.")
+        for key, probability in zip(keys, row.values(), strict=True):
+            array[row_index, columns[key]] = probability
+    return array
 
 
 class OnnxRunner:
@@ -132,11 +166,14 @@ class OnnxRunner:
             ONNX Runtime cannot load the file.
         """
         manifest = package.manifest
+        return self._load(manifest.id, manifest.sha256, package.onnx_path, f"model {manifest.id!r}", manifest.version)
+
+    def _load(self, key: str, sha256: str, path: Path, what: str, version: str) -> ort.InferenceSession:
+        """The session cached under ``key``, (re)created when missing or when its SHA-256 changed."""
         with self._lock:
-            entry = self._sessions.get(manifest.id)
-            if entry is not None and entry[0] == manifest.sha256:
+            entry = self._sessions.get(key)
+            if entry is not None and entry[0] == sha256:
                 return entry[1]
-            path = package.onnx_path
             if not path.is_file():
                 raise NotFound(f"Model file {path} is missing.")
             options = ort.SessionOptions()
@@ -146,9 +183,9 @@ class OnnxRunner:
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
             except Exception as exc:  # onnxruntime raises its own pybind exception types
-                raise ModelFailed(f"ONNX Runtime cannot load model {manifest.id!r}: {exc}") from exc
-            log.info("loaded model %s %s on %s", manifest.id, manifest.version, ",".join(session.get_providers()))
-            self._sessions[manifest.id] = (manifest.sha256, session)
+                raise ModelFailed(f"ONNX Runtime cannot load {what}: {exc}") from exc
+            log.info("loaded %s %s on %s", key, version, ",".join(session.get_providers()))
+            self._sessions[key] = (sha256, session)
             return session
 
     def run(self, package: ModelPackage, batch: np.ndarray) -> np.ndarray:
@@ -157,4 +194,19 @@ class OnnxRunner:
         manifest = package.manifest
         inputs = {manifest.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
         (output,) = session.run([manifest.output_name], inputs)
+        if isinstance(output, list) and output and isinstance(output[0], dict):
+            return zipmap_to_array(output, manifest)
+        return np.asarray(output)
+
+    def run_file(self, package: ModelPackage, file: RegionOfInterest, batch: np.ndarray) -> np.ndarray:
+        """Run another ONNX file of ``package`` (a region-of-interest model) on ``batch``.
+
+        Its session is cached beside the main one under ``<model id>/<file name>`` and, like it,
+        replaced when the file's SHA-256 in the manifest changes.
+        """
+        manifest = package.manifest
+        path = package.folder / file.file
+        what = f"{file.file} of model {manifest.id!r}"
+        session = self._load(f"{manifest.id}/{file.file}", file.sha256, path, what, manifest.version)
+        (output,) = session.run([file.output_name], {file.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(output)

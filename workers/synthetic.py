@@ -40,10 +40,11 @@ def synthetic_series(manifest: ModelManifest) -> tuple[list[Dataset], Volume | N
     accepts = manifest.accepts
     modality = accepts.modalities[0].upper()
     two_d = accepts.dimensionality == 2
-    slices = 1 if two_d else max(accepts.min_slices, 16)
+    radiograph = modality not in ("CT", "MR")  # projection images: no patient geometry
+    slices = 1 if radiograph else max(accepts.min_slices, 4 if two_d else 16)
     if accepts.max_slices is not None:
         slices = min(slices, accepts.max_slices)
-    size = 128 if two_d else 64
+    size = 128 if radiograph else 64
     pixels = _phantom(slices, size, modality)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     datasets = []
@@ -62,21 +63,23 @@ def synthetic_series(manifest: ModelManifest) -> tuple[list[Dataset], Volume | N
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         if accepts.body_parts:
             ds.BodyPartExamined = accepts.body_parts[0]
-        if two_d:
+        if radiograph:
             ds.PixelSpacing = ds.ImagerPixelSpacing = [0.2, 0.2]
             ds.PatientOrientation = ["L", "F"]
         else:
             ds.FrameOfReferenceUID = frame
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [-size / 2, -size / 2, float(index) * 2.0]
-            ds.PixelSpacing = [1.0, 1.0]
+            ds.ImagePositionPatient = [-size * 1.5, -size * 1.5, float(index) * 2.0]
+            ds.PixelSpacing = [3.0, 3.0]
             ds.SliceThickness = 2.0
         if modality == "CT":
             ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         if modality == "MR":
             ds.EchoTime, ds.RepetitionTime, ds.FlipAngle = 3.0, 2000.0, 9.0
             ds.ScanningSequence, ds.SequenceVariant = ["GR", "IR"], ["SP", "MP"]
-            ds.MagneticFieldStrength = 3.0
+            ds.MagneticFieldStrength, ds.PixelBandwidth, ds.EchoTrainLength = 3.0, 200.0, 1
+            ds.SliceThickness, ds.InversionTime = 2.0, 900.0
+            ds.MRAcquisitionType, ds.ImagingFrequency, ds.NumberOfAverages = "3D", 123.2, 1.0
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 import infergate
@@ -135,32 +136,42 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     return sources
 
 
-#: Attributes highdicom 0.28 reads, by Modality, for the modality-specific Image Library Entry
-#: Descriptors (TID 1603 projection radiography, TID 1604 cross-sectional); each needs a value.
-_LIBRARY_DESCRIPTOR_KEYWORDS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"), ("PatientOrientation", "ImagerPixelSpacing")),
-    **dict.fromkeys(
-        ("CT", "MR", "PT"), ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
-    ),
+#: Attributes highdicom 0.28 reads unconditionally, by Modality, for the modality-specific Image
+#: Library Entry Descriptors (TID 1603 projection radiography, TID 1604 cross-sectional), with the
+#: number of values each must hold.
+_PROJECTION_DESCRIPTORS = {"PatientOrientation": 2, "ImagerPixelSpacing": 2}
+_CROSS_SECTIONAL_DESCRIPTORS = {
+    "PixelSpacing": 2,
+    "ImageOrientationPatient": 6,
+    "ImagePositionPatient": 3,
+    "SliceThickness": 1,
+}
+_LIBRARY_DESCRIPTORS: dict[str, dict[str, int]] = {
+    **dict.fromkeys(("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"), _PROJECTION_DESCRIPTORS),
+    **dict.fromkeys(("CT", "MR", "PT"), _CROSS_SECTIONAL_DESCRIPTORS),
 }
 
 
-def _library_entry(ds: Dataset) -> Dataset:
-    """The dataset to describe ``ds`` in the Image Library (TID 1600) from.
+def _value_count(ds: Dataset, keyword: str) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return 0
+    return len(value) if isinstance(value, MultiValue | list | tuple) else 1
 
-    highdicom reads the modality-specific descriptors unconditionally, so a valid image without them
-    (a CR without Imager Pixel Spacing, which the CR Image module makes optional, or with an empty
-    Type 2 Patient Orientation) raises. Every one of those descriptors is optional ("U") in TID 1603
-    and TID 1604, so such an image is described by a copy that highdicom does not classify by
-    Modality: the entry still gets the modality (highdicom codes it from the SOP Class), rows,
-    columns and frame of reference, and no invented spacing or orientation.
+
+def _library_entry(ds: Dataset) -> Dataset:
+    """The dataset to describe ``ds`` from in the Image Library (TID 1600).
+
+    highdicom reads the modality-specific descriptors unconditionally, so a valid image without
+    them raises: a CR without Imager Pixel Spacing (optional in the CR Image module, PS3.3 C.8.1.2;
+    pydicom-data's RG1 chest CR has none) or with an empty Type 2C Patient Orientation. Each of
+    those descriptors is optional ("U") in TID 1603 and TID 1604, so such an image is described by
+    a copy that highdicom does not classify by Modality: its entry still holds the modality (coded
+    from the SOP Class), rows, columns and frame of reference, and no invented spacing.
     """
-    needed = _LIBRARY_DESCRIPTOR_KEYWORDS.get(str(ds.get("Modality", "")), ())
-    if all(len(ds.get(keyword) or ()) > 0 for keyword in needed if keyword != "SliceThickness") and (
-        "SliceThickness" not in needed or ds.get("SliceThickness") not in (None, "")
-    ):
-        if "PatientOrientation" not in needed or len(ds.PatientOrientation) == 2:
-            return ds
+    needed = _LIBRARY_DESCRIPTORS.get(str(ds.get("Modality", "")), {})
+    if all(_value_count(ds, keyword) == count for keyword, count in needed.items()):
+        return ds
     entry = Dataset()
     for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
         if keyword in ds:

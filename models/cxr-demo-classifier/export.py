@@ -41,10 +41,11 @@ MIDLINE_COLUMNS = range(7, 9)
 #: Grid columns of the two lung bands: 18.75 % to 37.5 % and 62.5 % to 81.25 % of the width.
 LUNG_COLUMNS = (*range(3, 6), *range(10, 13))
 #: Midline-minus-lungs contrast (fraction of the display range) at which both classes are equally
-#: likely: lungs displayed 5 % of the window darker than the midline.
-CONTRAST_AT_DECISION = 0.05
-#: Logit difference per unit of contrast: +-5 at 0 and at twice the decision contrast.
-LOGIT_SLOPE = 100.0
+#: likely: lungs displayed 10 % of the window darker than the midline.
+CONTRAST_AT_DECISION = 0.10
+#: Logit difference per unit of contrast: -3 at no contrast and +3 at twice the decision contrast,
+#: i.e. probabilities 0.05 and 0.95, so that the probability still tells near-misses from clear cases.
+LOGIT_SLOPE = 30.0
 
 
 def zone_weights() -> torch.Tensor:
@@ -180,7 +181,7 @@ def verify(net: nn.Module, path: Path) -> float:
             torch.rand(SIZE, SIZE, generator=generator),
             torch.full((SIZE, SIZE), 0.7),
             synthetic_chest(lung=0.45, midline=0.85),  # clearly lucent lungs
-            synthetic_chest(lung=0.80, midline=0.86),  # contrast 0.06: just above the decision
+            synthetic_chest(lung=0.74, midline=0.86),  # contrast 0.12: just above the decision
             synthetic_chest(lung=0.55, midline=0.15, background=0.15),  # MONOCHROME1 left un-inverted
         ]
     ).unsqueeze(1)

@@ -44,15 +44,23 @@ __all__ = [
     "CT_INTERCEPT",
     "HU_AIR",
     "HU_BONE",
+    "HU_FAT",
     "HU_LUNG",
     "HU_SOFT_TISSUE",
     "LABEL_BONE",
     "LABEL_BRAIN",
     "LABEL_SOFT_TISSUE",
     "SUPPORTED_SYNTAXES",
+    "TISSUE_BONE",
+    "TISSUE_FAT",
+    "TISSUE_LUNG",
+    "TISSUE_NAMES",
+    "TISSUE_SOFT",
     "SeriesInfo",
     "ct_phantom_hu",
     "ct_phantom_labels",
+    "ct_phantom_tissues",
+    "ct_phantom_volumes_ml",
     "mr_phantom_labels",
     "write_ct_series",
     "write_mr_series",
@@ -66,7 +74,13 @@ SUPPORTED_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleE
 #: CT values are stored as HU + 1024 in 12 unsigned bits (RescaleIntercept -1024), as most scanners do.
 CT_INTERCEPT = -1024
 HU_AIR, HU_LUNG, HU_SOFT_TISSUE, HU_BONE = -1000.0, -800.0, 40.0, 700.0
+#: Subcutaneous fat; typical adipose tissue lies between -120 and -80 HU.
+HU_FAT = -90.0
+#: Labels of :func:`ct_phantom_labels` (two classes: fat counts as soft tissue there).
 LABEL_SOFT_TISSUE, LABEL_BONE = 1, 2
+#: Labels of :func:`ct_phantom_tissues`, the same values and names as the ``ct-tissue-seg`` model's segments.
+TISSUE_SOFT, TISSUE_FAT, TISSUE_LUNG, TISSUE_BONE = 1, 2, 3, 4
+TISSUE_NAMES: dict[int, str] = {TISSUE_SOFT: "Soft tissue", TISSUE_FAT: "Fat", TISSUE_LUNG: "Lung", TISSUE_BONE: "Bone"}
 LABEL_BRAIN = 1
 
 _UID_NAMESPACE = "infergate-tests-make-series"
@@ -105,8 +119,27 @@ def _plane_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return coords[np.newaxis, :], coords[:, np.newaxis]  # u varies along columns, v along rows
 
 
+@dataclass(frozen=True)
+class _Ellipse:
+    """An axis-aligned ellipse in field-of-view fractions; its pixels and its exact area come from one place."""
+
+    cu: float
+    cv: float
+    ru: float
+    rv: float
+
+    def mask(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Pixels whose centre lies inside (or on) the ellipse."""
+        return ((u - self.cu) / self.ru) ** 2 + ((v - self.cv) / self.rv) ** 2 <= 1.0
+
+    @property
+    def area(self) -> float:
+        """Area in squared field-of-view fractions (multiply by the field of view in mm, squared)."""
+        return float(np.pi * self.ru * self.rv)
+
+
 def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
-    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1.0
+    return _Ellipse(cu, cv, ru, rv).mask(u, v)
 
 
 def _position_along(index: int, count: int) -> float:
@@ -121,24 +154,63 @@ def _check_dims(slices: int, size: int) -> None:
         raise ValueError('Argument "size" should be an integer of at least 16.')
 
 
-def _ct_masks(
-    index: int, slices: int, u: np.ndarray, v: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Body, lung and bone masks of one CT slice; the single source of truth for pixels and labels."""
+#: Skin and subcutaneous fat thickness, in field-of-view fractions (2 mm and 12 mm for a 410 mm field of view).
+_SKIN, _SUBCUTANEOUS_FAT = 0.005, 0.03
+
+
+@dataclass(frozen=True)
+class _CtShapes:
+    """The ellipses of one CT phantom slice, nested so that their areas add up exactly.
+
+    ``body`` holds ``subcutis`` (its inside minus a skin layer), which holds ``muscle`` (the subcutaneous
+    fat is the ring between the two); ``muscle`` holds both ``lungs`` and the vertebral body ``bone``, which
+    are disjoint (``tests/unit/workers/test_ct_tissue_model.py`` checks the nesting numerically).
+    """
+
+    body: _Ellipse
+    subcutis: _Ellipse
+    muscle: _Ellipse
+    lungs: tuple[_Ellipse, _Ellipse]
+    bone: _Ellipse
+
+
+def _ct_shapes(index: int, slices: int) -> _CtShapes:
+    """Ellipses of slice ``index``: the body breathes by 3 % and the lungs are widest mid-series, as from apex
+    to base, so that slices differ."""
     t = _position_along(index, slices)
     body_scale = 1.0 + 0.03 * np.sin(2.0 * np.pi * t)
-    lung_scale = 0.75 + 0.25 * np.sin(np.pi * t)  # lungs widest mid-series, as from apex to base
-    body = _ellipse(u, v, 0.0, 0.02, 0.40 * body_scale, 0.28 * body_scale)
-    bone = _ellipse(u, v, 0.0, 0.19, 0.045, 0.045) & body  # vertebral body, posterior (+v is posterior)
-    lungs = (
-        (
-            _ellipse(u, v, -0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale)
-            | _ellipse(u, v, 0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale)
-        )
-        & body
-        & ~bone
+    lung_scale = 0.75 + 0.25 * np.sin(np.pi * t)
+    ru, rv = 0.40 * body_scale, 0.30 * body_scale
+    inset = _SKIN + _SUBCUTANEOUS_FAT
+    return _CtShapes(
+        body=_Ellipse(0.0, 0.02, ru, rv),
+        subcutis=_Ellipse(0.0, 0.02, ru - _SKIN, rv - _SKIN),
+        muscle=_Ellipse(0.0, 0.02, ru - inset, rv - inset),
+        lungs=(
+            _Ellipse(-0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale),
+            _Ellipse(0.17, -0.02, 0.11 * lung_scale, 0.17 * lung_scale),
+        ),
+        bone=_Ellipse(0.0, 0.19, 0.05, 0.05),  # vertebral body, posterior (+v is posterior)
     )
-    return body, lungs, bone
+
+
+@dataclass(frozen=True)
+class _CtMasks:
+    body: np.ndarray
+    fat: np.ndarray
+    lungs: np.ndarray
+    bone: np.ndarray
+
+
+def _ct_masks(index: int, slices: int, u: np.ndarray, v: np.ndarray) -> _CtMasks:
+    """Body, subcutaneous fat, lung and bone masks of one CT slice; the single source of truth for pixels and
+    labels. Soft tissue is the body minus the other three (skin, muscle and organs)."""
+    shapes = _ct_shapes(index, slices)
+    body = shapes.body.mask(u, v)
+    bone = shapes.bone.mask(u, v) & body
+    lungs = (shapes.lungs[0].mask(u, v) | shapes.lungs[1].mask(u, v)) & body & ~bone
+    fat = shapes.subcutis.mask(u, v) & ~shapes.muscle.mask(u, v) & ~lungs & ~bone
+    return _CtMasks(body=body, fat=fat, lungs=lungs, bone=bone)
 
 
 def ct_phantom_labels(slices: int, size: int) -> np.ndarray:
@@ -148,34 +220,93 @@ def ct_phantom_labels(slices: int, size: int) -> np.ndarray:
     -------
     numpy.ndarray
         ``uint8`` array indexed ``[slice, row, column]`` in file order: ``1`` soft tissue (body minus lungs
-        minus bone), ``2`` bone, ``0`` air and lungs.
+        minus bone; subcutaneous fat included), ``2`` bone, ``0`` air and lungs. :func:`ct_phantom_tissues`
+        tells fat and lungs apart.
     """
     _check_dims(slices, size)
     u, v = _plane_grid(size)
     labels = np.zeros((slices, size, size), dtype=np.uint8)
     for index in range(slices):
-        body, lungs, bone = _ct_masks(index, slices, u, v)
-        labels[index][body & ~lungs & ~bone] = LABEL_SOFT_TISSUE
-        labels[index][bone] = LABEL_BONE
+        masks = _ct_masks(index, slices, u, v)
+        labels[index][masks.body & ~masks.lungs & ~masks.bone] = LABEL_SOFT_TISSUE
+        labels[index][masks.bone] = LABEL_BONE
     return labels
+
+
+def ct_phantom_tissues(slices: int, size: int) -> np.ndarray:
+    """Four-tissue ground truth of the CT phantom that :func:`write_ct_series` writes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` ``[slice, row, column]``: :data:`TISSUE_SOFT` (skin, muscle, organs), :data:`TISSUE_FAT`
+        (the subcutaneous ring), :data:`TISSUE_LUNG`, :data:`TISSUE_BONE`, and 0 outside the body.
+    """
+    _check_dims(slices, size)
+    u, v = _plane_grid(size)
+    labels = np.zeros((slices, size, size), dtype=np.uint8)
+    for index in range(slices):
+        masks = _ct_masks(index, slices, u, v)
+        labels[index][masks.body] = TISSUE_SOFT
+        labels[index][masks.fat] = TISSUE_FAT
+        labels[index][masks.lungs] = TISSUE_LUNG
+        labels[index][masks.bone] = TISSUE_BONE
+    return labels
+
+
+def ct_phantom_volumes_ml(slices: int, size: int, slice_spacing: float, pixel_spacing: float) -> dict[str, float]:
+    """Exact volumes of the CT phantom's tissues, from the ellipses' areas rather than from counting pixels.
+
+    Each slice is a slab ``slice_spacing`` thick whose cross-section is the slice's ellipses, so a volume is
+    the sum over slices of ``area * field_of_view**2 * slice_spacing``. The pixel masks approach these values
+    as the matrix grows (for 256 x 256 they agree within 0.1 %), which makes them a truth independent of any
+    voxel grid, including the one a model resamples to.
+
+    Parameters
+    ----------
+    slices, size, slice_spacing, pixel_spacing
+        As given to :func:`write_ct_series`.
+
+    Returns
+    -------
+    dict[str, float]
+        Millilitres keyed by :data:`TISSUE_NAMES` values, plus ``"Body"`` (their sum).
+    """
+    _check_dims(slices, size)
+    if slice_spacing <= 0 or pixel_spacing <= 0:
+        raise ValueError('Arguments "slice_spacing" and "pixel_spacing" should be positive.')
+    scale_ml = (size * pixel_spacing) ** 2 * slice_spacing / 1000.0
+    totals = dict.fromkeys(("Soft tissue", "Fat", "Lung", "Bone", "Body"), 0.0)
+    for index in range(slices):
+        shapes = _ct_shapes(index, slices)
+        fat = shapes.subcutis.area - shapes.muscle.area
+        lungs = shapes.lungs[0].area + shapes.lungs[1].area
+        totals["Fat"] += fat * scale_ml
+        totals["Lung"] += lungs * scale_ml
+        totals["Bone"] += shapes.bone.area * scale_ml
+        totals["Soft tissue"] += (shapes.body.area - fat - lungs - shapes.bone.area) * scale_ml
+        totals["Body"] += shapes.body.area * scale_ml
+    return totals
 
 
 def ct_phantom_hu(slices: int, size: int, *, seed: int = 0, noise_sd: float = 10.0) -> np.ndarray:
     """The CT phantom in Hounsfield units (``float32``, ``[slice, row, column]``), noise included.
 
-    The soft-tissue value drifts by a few HU along the series so that slices are not identical.
+    The soft-tissue value drifts by a few HU along the series so that slices are not identical. Edges are
+    sharp (no partial volume), so a pixel's value is that of the tissue its centre lies in.
     """
     _check_dims(slices, size)
     u, v = _plane_grid(size)
     rng = np.random.default_rng(seed)
     volume = np.empty((slices, size, size), dtype=np.float32)
     for index in range(slices):
-        body, lungs, bone = _ct_masks(index, slices, u, v)
+        masks = _ct_masks(index, slices, u, v)
         plane = volume[index]
         plane.fill(HU_AIR)
-        plane[body] = HU_SOFT_TISSUE + 5.0 * np.sin(2.0 * np.pi * _position_along(index, slices))
-        plane[lungs] = HU_LUNG
-        plane[bone] = HU_BONE
+        plane[masks.body] = HU_SOFT_TISSUE + 5.0 * np.sin(2.0 * np.pi * _position_along(index, slices))
+        plane[masks.fat] = HU_FAT
+        plane[masks.lungs] = HU_LUNG
+        plane[masks.bone] = HU_BONE
         plane += rng.standard_normal((size, size), dtype=np.float32) * np.float32(noise_sd)
     return volume
 

@@ -49,7 +49,7 @@ def test_up_receives_series_and_produces_valid_seg_and_sr(tmp_path: Path) -> Non
         seg_job = jobs["ct-tissue-seg"]
         kinds = {obj["kind"]: obj for obj in seg_job["result_objects"]}
         assert set(kinds) == {"SEG", "SR"}
-        assert {m["segment_label"] for m in seg_job["measurements"]} == {"Soft tissue", "Bone"}
+        assert {m["segment_label"] for m in seg_job["measurements"]} == {"Soft tissue", "Fat", "Lung", "Bone", "Body"}
         assert all(m["unit"] == "mL" and m["value"] > 0 for m in seg_job["measurements"])
         classifier = jobs["ct-bone-classifier"]
         assert [obj["kind"] for obj in classifier["result_objects"]] == ["SR"]

@@ -129,7 +129,7 @@ def test_series_ends_in_orthanc_and_postgresql(deployment: Deployment) -> None:
         assert {job.state for job in jobs} == {JobState.done}
         assert session.scalars(select(Finding)).all(), "classification findings recorded"
         volumes = {m.segment_label: m.value for m in session.scalars(select(Measurement))}
-        assert set(volumes) == {"Soft tissue", "Bone"} and all(v > 0 for v in volumes.values())
+        assert set(volumes) == {"Soft tissue", "Fat", "Lung", "Bone", "Body"} and all(v > 0 for v in volumes.values())
     engine.dispose()
 
 

@@ -83,7 +83,7 @@ def test_segmentation_job_writes_valid_seg_and_sr_and_exports_once(
     with session_factory() as session:
         job = queries.job_with_results(session, job_id)
         assert job is not None and job.state == JobState.done and job.attempts == 1
-        assert {m.segment_label for m in job.measurements} == {"Soft tissue", "Bone"}
+        assert {m.segment_label for m in job.measurements} == {"Soft tissue", "Fat", "Lung", "Bone", "Body"}
         objects = {r.kind: r for r in job.result_objects}
         assert set(objects) == {"SEG", "SR"}
         assert all(e.state == ExportState.done and e.attempts == 1 for r in job.result_objects for e in r.exports)
@@ -116,7 +116,7 @@ def test_unsuitable_series_fails_without_retry(
     db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     series_id = _ingest_series(db_settings, session_factory, tmp_path / "ct", slices=3)  # model needs >= 8
-    job_id = _job(session_factory, series_id, "ct-tissue-seg")
+    job_id = _job(session_factory, series_id, "ct-bone-classifier")
     assert run_job(_ctx(db_settings, session_factory), job_id) == (JobOutcome.failed, None)
     with session_factory() as session:
         job = session.get(Job, job_id)

@@ -1,0 +1,121 @@
+"""Running models that classify a series from its DICOM headers, not its pixels.
+
+A manifest with ``"input": "header_features"`` names a ``feature_extractor`` registered in
+:mod:`workers.features` (``@feature_extractor("dcm-classifier-v1", ...)``); the pipeline calls
+:func:`classify_from_headers` for such a model instead of building a volume. dcm-classifier
+(Brzus et al., SPIE Medical Imaging 2024), shipped as ``models/mr-series-type``, is the first: it
+tells T1-, T2-, T2*-weighted, FLAIR and diffusion MR series apart from TE, TR, TI, flip angle,
+Scanning Sequence, Image Type, b-value and a few more header values, which is enough to route series
+to the models that expect them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from infergate.errors import InfergateError, InvalidInput, ModelFailed
+from infergate.manifest import ModelPackage
+from workers.features import (
+    HeaderFeatureExtractor,
+    feature_extractor,
+    get_extractor,
+    registered_extractors,
+    require_datasets,
+)
+from workers.postprocess import softmax
+from workers.runtime import InferenceRunner
+
+__all__ = [
+    "HeaderFeatureExtractor",
+    "classify_from_headers",
+    "feature_extractor",
+    "get_extractor",
+    "registered_extractors",
+    "volume_probabilities",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _check_accepts(datasets: Sequence[Dataset], package: ModelPackage) -> None:
+    manifest = package.manifest
+    accepts = manifest.accepts
+    modality = str(datasets[0].get("Modality", "") or "").strip().upper()
+    allowed = [m.strip().upper() for m in accepts.modalities]
+    if modality not in allowed:
+        raise InvalidInput(f"Model {manifest.id!r} accepts modalities {allowed}, not {modality or 'none'!r}.")
+    if len(datasets) < accepts.min_slices or (accepts.max_slices is not None and len(datasets) > accepts.max_slices):
+        raise InvalidInput(f"Model {manifest.id!r} does not accept a series of {len(datasets)} images.")
+
+
+def volume_probabilities(datasets: Sequence[Dataset], package: ModelPackage, runner: InferenceRunner) -> np.ndarray:
+    """Class probabilities of each volume of one series from a header-feature model.
+
+    Parameters
+    ----------
+    datasets : Sequence[pydicom.Dataset]
+        Every image of the series (pixel data is not read).
+    package : ModelPackage
+        A classification package with ``"input": "header_features"``.
+    runner : InferenceRunner
+        Runs the model on the ``(volumes, features)`` float32 batch.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(volumes, C)`` indexed like the manifest's ``classes``. A graph whose output is
+        already probabilities says so with ``postprocess.activation`` other than ``"none"``;
+        otherwise the output is taken as logits and softmax is applied.
+
+    Raises
+    ------
+    InvalidInput
+        Wrong modality or image count, or header values the extractor needs are missing.
+    ModelFailed
+        The package is not a header-feature model, names an unknown extractor, or the model fails
+        or returns a malformed output.
+    """
+    manifest = package.manifest
+    if manifest.input != "header_features" or manifest.feature_extractor is None:
+        raise ModelFailed(f'Model {manifest.id!r} does not take "header_features" input.')
+    extractor = get_extractor(manifest.feature_extractor)
+    _check_accepts(require_datasets(datasets), package)
+    features = extractor(datasets)
+    try:
+        output = np.asarray(runner.run(package, features), dtype=np.float64)
+    except InfergateError:
+        raise
+    except Exception as exc:  # any runtime failure is permanent for this input and model
+        raise ModelFailed(f"Model {manifest.id!r} failed on header features {features.shape}: {exc}") from exc
+    expected = (features.shape[0], len(manifest.classes))
+    if output.shape != expected:
+        raise ModelFailed(f"Model {manifest.id!r} returned shape {output.shape}; the manifest implies {expected}.")
+    if not np.all(np.isfinite(output)):
+        raise ModelFailed(f"Model {manifest.id!r} returned NaN or infinite values.")
+    if manifest.postprocess.activation == "none":
+        return softmax(output, axis=1)
+    if np.any(output < -1e-6) or np.any(output > 1.0 + 1e-6):
+        raise ModelFailed(f"Model {manifest.id!r} should output probabilities but returned values outside [0, 1].")
+    return np.clip(output, 0.0, 1.0)
+
+
+def classify_from_headers(datasets: Sequence[Dataset], package: ModelPackage, runner: InferenceRunner) -> np.ndarray:
+    """Class probabilities of one series from a header-feature model (what the pipeline records).
+
+    A series of one volume (the usual case) gets that volume's probabilities, exactly what
+    dcm-classifier reports for it; a multi-volume series (DWI b-values, multi-echo) gets the mean
+    over its volumes, since one series gets one answer. Parameters and errors are as for
+    :func:`volume_probabilities`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(C,)`` indexed like the manifest's ``classes``.
+    """
+    probabilities = volume_probabilities(datasets, package, runner)
+    log.debug("model %s: %d volume(s) classified", package.manifest.id, probabilities.shape[0])
+    return np.asarray(probabilities.mean(axis=0), dtype=np.float64)
