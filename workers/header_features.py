@@ -55,30 +55,20 @@ def _check_accepts(datasets: Sequence[Dataset], package: ModelPackage) -> None:
 def volume_probabilities(datasets: Sequence[Dataset], package: ModelPackage, runner: InferenceRunner) -> np.ndarray:
     """Class probabilities of each volume of one series from a header-feature model.
 
-    Parameters
-    ----------
-    datasets : Sequence[pydicom.Dataset]
-        Every image of the series (pixel data is not read).
-    package : ModelPackage
-        A classification package with ``"input": "header_features"``.
-    runner : InferenceRunner
-        Runs the model on the ``(volumes, features)`` float32 batch.
+    This is what :func:`classify_from_headers` combines; see there for the parameters and errors.
 
     Returns
     -------
     numpy.ndarray
-        float64 ``(volumes, C)`` indexed like the manifest's ``classes``. A graph whose output is
-        already probabilities says so with ``postprocess.activation`` other than ``"none"``;
-        otherwise the output is taken as logits and softmax is applied.
-
-    Raises
-    ------
-    InvalidInput
-        Wrong modality or image count, or header values the extractor needs are missing.
-    ModelFailed
-        The package is not a header-feature model, names an unknown extractor, or the model fails
-        or returns a malformed output.
+        float64 ``(volumes, C)`` indexed like the manifest's ``classes``.
     """
+    return _run(datasets, package, runner)[2]
+
+
+def _run(
+    datasets: Sequence[Dataset], package: ModelPackage, runner: InferenceRunner
+) -> tuple[HeaderFeatureExtractor, np.ndarray, np.ndarray]:
+    """(extractor, features, probabilities per volume), with every failure typed for the task's retry decision."""
     manifest = package.manifest
     if manifest.input != "header_features" or manifest.feature_extractor is None:
         raise ModelFailed(f'Model {manifest.id!r} does not take "header_features" input.')
@@ -97,25 +87,47 @@ def volume_probabilities(datasets: Sequence[Dataset], package: ModelPackage, run
     if not np.all(np.isfinite(output)):
         raise ModelFailed(f"Model {manifest.id!r} returned NaN or infinite values.")
     if manifest.postprocess.activation == "none":
-        return softmax(output, axis=1)
+        return extractor, features, softmax(output, axis=1)
     if np.any(output < -1e-6) or np.any(output > 1.0 + 1e-6):
         raise ModelFailed(f"Model {manifest.id!r} should output probabilities but returned values outside [0, 1].")
-    return np.clip(output, 0.0, 1.0)
+    return extractor, features, np.clip(output, 0.0, 1.0)
 
 
 def classify_from_headers(datasets: Sequence[Dataset], package: ModelPackage, runner: InferenceRunner) -> np.ndarray:
     """Class probabilities of one series from a header-feature model (what the pipeline records).
 
     A series of one volume (the usual case) gets that volume's probabilities, exactly what
-    dcm-classifier reports for it; a multi-volume series (DWI b-values, multi-echo) gets the mean
-    over its volumes, since one series gets one answer. Parameters and errors are as for
-    :func:`volume_probabilities`.
+    dcm-classifier reports for it. A series gets one answer, so the probabilities of a multi-volume
+    series (DWI b-values, multi-echo) are averaged with the extractor's ``volume_weights`` (for
+    dcm-classifier: over the diffusion-weighted volumes of a DWI series, else over all volumes).
+
+    Parameters
+    ----------
+    datasets : Sequence[pydicom.Dataset]
+        Every image of the series (pixel data is not read).
+    package : ModelPackage
+        A classification package with ``"input": "header_features"``.
+    runner : InferenceRunner
+        Runs the model on the ``(volumes, features)`` float32 batch.
 
     Returns
     -------
     numpy.ndarray
-        float64 ``(C,)`` indexed like the manifest's ``classes``.
+        float64 ``(C,)`` indexed like the manifest's ``classes``. A graph whose output is already
+        probabilities says so with ``postprocess.activation`` other than ``"none"``; otherwise the
+        output is taken as logits and softmax is applied.
+
+    Raises
+    ------
+    InvalidInput
+        Wrong modality or image count, or header values the extractor needs are missing.
+    ModelFailed
+        The package is not a header-feature model, names an unknown extractor, or the model fails
+        or returns a malformed output.
     """
-    probabilities = volume_probabilities(datasets, package, runner)
-    log.debug("model %s: %d volume(s) classified", package.manifest.id, probabilities.shape[0])
-    return np.asarray(probabilities.mean(axis=0), dtype=np.float64)
+    extractor, features, probabilities = _run(datasets, package, runner)
+    weights = np.asarray(extractor.volume_weights(features), dtype=np.float64)
+    if weights.shape != (features.shape[0],) or np.any(weights < 0) or not weights.sum() > 0:
+        raise ModelFailed(f"Feature extractor {extractor.name!r} gave unusable volume weights {weights}.")
+    log.debug("model %s: %d volume(s), weights %s", package.manifest.id, len(weights), weights)
+    return np.asarray(weights @ probabilities / weights.sum(), dtype=np.float64)

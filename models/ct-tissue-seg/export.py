@@ -79,26 +79,39 @@ def hu_to_unit(hu: float) -> float:
     return (hu - WINDOW_LOW_HU) / (WINDOW_HIGH_HU - WINDOW_LOW_HU)
 
 
-def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation by a ``(2 radius + 1)``-voxel square; outside the image counts as not in the mask.
+def _square_pool(mask: torch.Tensor, radius: int, pool: str) -> torch.Tensor:
+    """Max- or mean-pool over a ``(2 radius + 1)``-voxel square centred on each voxel, same output size.
 
-    Max-pooling is dilation; padding with zeros first keeps the output the size of the input and
-    defines the image edge explicitly (``F.max_pool2d``'s own padding would be -inf). Radii above 1
-    are done as a row then a column pass, which is the same square at a fraction of the cost.
+    Radii above 1 are done as a row then a column pass, which gives the same square at a fraction of
+    the cost. Max-pooling pads with -inf (neutral, as masks are non-negative); mean-pooling counts the
+    padding as zeros (``count_include_pad``), i.e. as voxels outside the mask.
+    """
+    size = 2 * radius + 1
+    passes = [((size, size), (radius, radius))] if radius == 1 else [((1, size), (0, radius)), ((size, 1), (radius, 0))]
+    for kernel, padding in passes:
+        if pool == "max":
+            mask = F.max_pool2d(mask, kernel, stride=1, padding=padding)
+        else:
+            mask = F.avg_pool2d(mask, kernel, stride=1, padding=padding, count_include_pad=True)
+    return mask
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation by a ``(2 radius + 1)``-voxel square: max-pooling is dilation."""
+    return _square_pool(mask, radius, "max") if radius > 0 else mask
+
+
+def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary erosion by a ``(2 radius + 1)``-voxel square; outside the image counts as not in the mask.
+
+    A voxel stays when the mean over its square, padding included as zeros, is 1; so a region
+    touching the image edge is eroded from that side too. Means of 0/1 values step by at least
+    ``1 / size**2``, so comparing with ``1 - 0.5 / size**2`` is exact despite rounding.
     """
     if radius == 0:
         return mask
     size = 2 * radius + 1
-    padded = F.pad(mask, (radius, radius, radius, radius), value=0.0)
-    if radius == 1:
-        return F.max_pool2d(padded, size, stride=1)
-    return F.max_pool2d(F.max_pool2d(padded, (1, size), stride=1), (size, 1), stride=1)
-
-
-def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary erosion by a square (the dual of :func:`dilate`); outside the image counts as not in the mask,
-    so a region touching the edge is eroded from that side too."""
-    return 1.0 - dilate(1.0 - mask, radius)
+    return (_square_pool(mask, radius, "mean") > 1.0 - 0.5 / size**2).float()
 
 
 def opening(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -111,15 +124,15 @@ def closing(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return erode(dilate(mask, radius), radius)
 
 
-def geodesic_dilation(marker: torch.Tensor, mask: torch.Tensor, steps: int, edge: float) -> torch.Tensor:
+def geodesic_dilation(marker: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
     """Grow ``marker`` inside ``mask`` by one voxel (8-connected) per step, ``steps`` times.
 
     This is flood fill (morphological reconstruction) with a fixed number of steps, since ONNX has no
     connected-component operator: it equals the exact fill once ``steps`` exceeds the longest path
-    needed. ``edge`` is the value outside the image: 1 makes the whole image border a seed.
+    needed.
     """
     for _ in range(steps):
-        marker = F.max_pool2d(F.pad(marker, (1, 1, 1, 1), value=edge), 3, stride=1) * mask
+        marker = F.max_pool2d(marker, 3, stride=1, padding=1) * mask
     return marker
 
 
@@ -161,11 +174,11 @@ class TissueRules(nn.Module):
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """Mask of everything inside the patient outline (steps 1-3)."""
-        dense = opening((x >= self._threshold("air_max")).float(), OUTLINE_OPENING)
-        outside = geodesic_dilation(torch.zeros_like(dense), 1.0 - dense, FILL_STEPS, edge=1.0)
+        air = 1.0 - opening((x >= self._threshold("air_max")).float(), OUTLINE_OPENING)
+        edge = 1.0 - erode(torch.ones_like(x), 1)  # the outermost rows and columns
+        outside = geodesic_dilation(edge * air, air, FILL_STEPS)
         enclosed = 1.0 - outside
-        core = erode(enclosed, CORE_RADIUS)
-        return geodesic_dilation(core, enclosed, RECONSTRUCTION_STEPS, edge=0.0)
+        return geodesic_dilation(erode(enclosed, CORE_RADIUS), enclosed, RECONSTRUCTION_STEPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         body = self.body(x)

@@ -8,6 +8,8 @@ from workers.features import dcm_classifier
 from workers.features.registry import (
     FeatureFunction,
     HeaderFeatureExtractor,
+    VolumeWeights,
+    equal_weights,
     feature_extractor,
     get_extractor,
     registered_extractors,
@@ -17,7 +19,9 @@ from workers.features.registry import (
 __all__ = [
     "FeatureFunction",
     "HeaderFeatureExtractor",
+    "VolumeWeights",
     "dcm_classifier",
+    "equal_weights",
     "feature_extractor",
     "get_extractor",
     "registered_extractors",

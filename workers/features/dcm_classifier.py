@@ -34,6 +34,7 @@ __all__ = [
     "MISSING",
     "b_value",
     "dcm_classifier_features",
+    "diffusion_weights",
     "has_gradient_direction",
     "split_volumes",
 ]
@@ -382,7 +383,19 @@ def split_volumes(datasets: Sequence[Dataset]) -> list[list[Dataset]]:
     return [ordered]
 
 
-@feature_extractor("dcm-classifier-v1", DCM_CLASSIFIER_FEATURES)
+def diffusion_weights(features: np.ndarray) -> np.ndarray:
+    """A diffusion series is what its diffusion-weighted volumes are; its b=0 volumes are the reference.
+
+    So a series of b=0 and b=1000 trace volumes averages only the latter, as dcm-classifier calls
+    such a series "tracew" (and one of b=0 and gradient-direction volumes "dwig"). Other series
+    average all their volumes.
+    """
+    b0 = features[:, DCM_CLASSIFIER_FEATURES.index("has_b0")] == 1.0
+    weighted = features[:, DCM_CLASSIFIER_FEATURES.index("has_pos_b0")] == 1.0
+    return (~b0 if weighted.any() else np.ones_like(b0)).astype(np.float64)
+
+
+@feature_extractor("dcm-classifier-v1", DCM_CLASSIFIER_FEATURES, volume_weights=diffusion_weights)
 def dcm_classifier_v1(datasets: Sequence[Dataset]) -> np.ndarray:
     """dcm-classifier 0.9.9's features, one row per volume of the series (:func:`split_volumes`)."""
     return np.stack([dcm_classifier_features(volume[0]) for volume in split_volumes(datasets)])

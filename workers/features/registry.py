@@ -19,6 +19,8 @@ from infergate.errors import InvalidInput, ModelFailed
 __all__ = [
     "FeatureFunction",
     "HeaderFeatureExtractor",
+    "VolumeWeights",
+    "equal_weights",
     "feature_extractor",
     "get_extractor",
     "registered_extractors",
@@ -26,6 +28,12 @@ __all__ = [
 ]
 
 FeatureFunction = Callable[[Sequence[Dataset]], np.ndarray]
+VolumeWeights = Callable[[np.ndarray], np.ndarray]
+
+
+def equal_weights(features: np.ndarray) -> np.ndarray:
+    """Every volume counts the same: the series gets the mean of its volumes' probabilities."""
+    return np.ones(features.shape[0], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -40,11 +48,15 @@ class HeaderFeatureExtractor:
         Column names, in the order the model expects them.
     function : Callable[[Sequence[pydicom.Dataset]], numpy.ndarray]
         Computes the ``(volumes, features)`` array of one series.
+    volume_weights : Callable[[numpy.ndarray], numpy.ndarray]
+        Weights ``(volumes,)`` from the features, for averaging volume probabilities into the
+        series' answer (a series gets one); the model family knows which volumes characterise it.
     """
 
     name: str
     feature_names: tuple[str, ...]
     function: FeatureFunction
+    volume_weights: VolumeWeights = equal_weights
 
     def __call__(self, datasets: Sequence[Dataset]) -> np.ndarray:
         """Features of one series as float32 ``(volumes, len(feature_names))``.
@@ -87,7 +99,9 @@ def require_datasets(datasets: Sequence[Dataset]) -> Sequence[Dataset]:
     return datasets
 
 
-def feature_extractor(name: str, features: Sequence[str]) -> Callable[[FeatureFunction], FeatureFunction]:
+def feature_extractor(
+    name: str, features: Sequence[str], *, volume_weights: VolumeWeights = equal_weights
+) -> Callable[[FeatureFunction], FeatureFunction]:
     """Register the decorated function as the header feature extractor called ``name``.
 
     Parameters
@@ -97,6 +111,8 @@ def feature_extractor(name: str, features: Sequence[str]) -> Callable[[FeatureFu
         one encoding for good.
     features : Sequence[str]
         The column names of the function's output, in order.
+    volume_weights : Callable[[numpy.ndarray], numpy.ndarray]
+        How much each volume counts in the series' answer (default: equally).
 
     Raises
     ------
@@ -113,7 +129,7 @@ def feature_extractor(name: str, features: Sequence[str]) -> Callable[[FeatureFu
     def register(function: FeatureFunction) -> FeatureFunction:
         if name in _REGISTRY:
             raise ValueError(f"A header feature extractor named {name!r} is already registered.")
-        _REGISTRY[name] = HeaderFeatureExtractor(name=name, feature_names=names, function=function)
+        _REGISTRY[name] = HeaderFeatureExtractor(name, names, function, volume_weights)
         return function
 
     return register

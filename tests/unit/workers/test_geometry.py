@@ -16,7 +16,8 @@ from workers.postprocess import channel_probability, classification_probabilitie
 from workers.preprocess import prepare
 from workers.resample import fit_into, fit_placement, nearest_indices, resample
 
-SAGITTAL = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])  # rows P, columns I, normal R
+#: Row cosines P (the column index runs Posterior), column cosines I, normal R: a sagittal series.
+SAGITTAL = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(197, 128), (233, 128), (189, 256), (7, 3), (3, 7), (100, 100)])
@@ -41,13 +42,14 @@ def test_fit_keeps_the_physical_aspect_ratio_and_centres_the_image() -> None:
 
 
 def test_fit_2d_model_prepares_a_padded_grid_and_maps_labels_back(tmp_path: Path) -> None:
-    array = np.zeros((2, 40, 20), dtype=np.float32)
-    array[:, 10:30, 5:15] = 0.9
+    # 10 x 5 mm into 20 x 20: 0.5 mm voxels (exactly x2), 20 x 10 voxels, 5 columns of padding per side
+    array = np.zeros((2, 10, 5), dtype=np.float32)
+    array[:, 2:8, 1:4] = 0.9
     volume = volume_of(array, spacing=(1.0, 1.0, 1.0))
     settings = Preprocess(intensity="none", target_shape=[20, 20], resize="fit", interpolation="nearest")
     prepared = prepare(volume, settings, 2)
     assert prepared.array.shape == (2, 20, 20) and prepared.content == (slice(0, 2), slice(0, 20), slice(5, 15))
-    assert prepared.spacing == pytest.approx((1.0, 2.0, 2.0))
+    assert prepared.spacing == pytest.approx((1.0, 0.5, 0.5))
     labels = (prepared.array > 0.5).astype(np.uint8)
     labels[:, :, :5] = 1  # padding is cut off on the way back
     np.testing.assert_array_equal(labels_to_source(labels, prepared), (array > 0.5).astype(np.uint8))
@@ -73,8 +75,9 @@ def test_orientation_and_resize_map_back_exactly(tmp_path: Path, resize: str) ->
     volume = _oriented_volume(array, SAGITTAL, (2.0, 1.0, 0.5))
     settings: dict[str, Any] = {"orientation": "RAS", "target_shape": [32, 32, 32], "resize": resize}
     prepared = prepare(volume, Preprocess(intensity="none", interpolation="nearest", **settings), 3)
-    assert prepared.orientation.axes == (0, 1, 2) and prepared.orientation.flips == (False, True, True)
-    np.testing.assert_array_equal(prepared.array[::4, ::2, :], prepared.orientation.apply(array))
+    # slices run Right, columns Posterior, rows Inferior: RAS takes slices, columns and rows, flipping the last two
+    assert prepared.orientation.axes == (0, 2, 1) and prepared.orientation.flips == (False, True, True)
+    np.testing.assert_array_equal(prepared.array[::4, :, ::2], prepared.orientation.apply(array))
     runner = PointwiseRunner()
     package = segmentation_package(tmp_path, interpolation="nearest", **settings)
     output = infer(volume, package, runner)
@@ -109,7 +112,7 @@ def test_threshold_on_one_channel_with_clean_up(tmp_path: Path) -> None:
 def test_channel_probability_by_activation() -> None:
     logits = np.array([[[0.0, 2.0]], [[np.log(3.0), 0.0]]], dtype=np.float32).transpose(1, 0, 2)  # (1, 2, 2)
     soft = channel_probability(logits, Postprocess(activation="none", channel=0))
-    np.testing.assert_allclose(soft[0, 0], [0.75, 1.0 / (1.0 + np.exp(2.0))], rtol=1e-6)
+    np.testing.assert_allclose(soft[0, 0], [0.25, 1.0 / (1.0 + np.exp(-2.0))], rtol=1e-6)
     assert soft.shape == (1, 1, 2)
     single = channel_probability(np.zeros((1, 1, 3)), Postprocess(activation="none", channel=0))
     np.testing.assert_allclose(single, 0.5)

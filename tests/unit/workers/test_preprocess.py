@@ -32,9 +32,7 @@ def test_zscore_and_none() -> None:
 
 def test_grid_shape_from_target_spacing_shape_or_neither() -> None:
     shape, spacing = (100, 512, 512), (2.5, 0.78125, 0.78125)
-    assert model_grid_shape(
-        shape, spacing, Preprocess(intensity="none", target_spacing=[2.5, 2.0, 2.0]), 3
-    ) == (
+    assert model_grid_shape(shape, spacing, Preprocess(intensity="none", target_spacing=[2.5, 2.0, 2.0]), 3) == (
         100,
         200,
         200,
@@ -46,9 +44,7 @@ def test_grid_shape_from_target_spacing_shape_or_neither() -> None:
     )
     assert model_grid_shape(shape, spacing, Preprocess(intensity="none"), 3) == shape
     # a 2-D model resamples rows and columns only
-    assert model_grid_shape(
-        shape, spacing, Preprocess(intensity="none", target_spacing=[1.5625, 1.5625]), 2
-    ) == (
+    assert model_grid_shape(shape, spacing, Preprocess(intensity="none", target_spacing=[1.5625, 1.5625]), 2) == (
         100,
         256,
         256,
@@ -89,9 +85,7 @@ def test_resample_linear_keeps_a_linear_ramp_inside_and_never_overshoots() -> No
 
 def test_prepare_resamples_then_windows_and_remembers_the_source() -> None:
     volume = volume_of(np.full((10, 20, 30), 40.0), spacing=(2.0, 1.0, 1.0))
-    settings = Preprocess(
-        target_spacing=[4.0, 2.0, 3.0], intensity="window", window=Window(center=40.0, width=80.0)
-    )
+    settings = Preprocess(target_spacing=[4.0, 2.0, 3.0], intensity="window", window=Window(center=40.0, width=80.0))
     prepared = prepare(volume, settings, 3)
     assert prepared.array.shape == (5, 10, 10)
     assert prepared.source_shape == (10, 20, 30)

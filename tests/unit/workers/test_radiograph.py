@@ -9,17 +9,21 @@ the physical aspect ratio (pixels times spacing). The real chest CR is in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import DigitalXRayImageStorageForPresentation
+from pydicom.uid import UID, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 
+from infergate.dicom.sr import ClassificationFinding, build_sr
+from infergate.dicom.uids import derived_uid
 from infergate.dicom.volume import Volume, load_volume
 from infergate.errors import InvalidInput
 from infergate.manifest import ModelPackage, Preprocess, load_package
+from tests.helpers.dicom_validation import dciodvfy_errors, dsrdump
 from tests.unit.dicom._synthetic import make_image, make_series
 from tests.unit.workers._fakes import MODELS_DIR
 from workers.inference import infer
@@ -126,6 +130,19 @@ def test_voi_lut_sequence_wins_over_the_window() -> None:
     np.testing.assert_allclose(out, table[stored] / TOP, atol=1e-6)
 
 
+# --- pixel spacing of projection images ------------------------------------------------------
+
+
+def test_zero_pixel_spacing_of_an_uncalibrated_plate_reads_as_absent() -> None:
+    """Some CR readers write ``0\\0``; it means "unknown", like a missing attribute (tolerant reading)."""
+    stored = ramp()
+    assert load_volume([radiograph(stored, PixelSpacing=["0", "0"])]).spacing == (1.0, 1.0, 1.0)
+    both = radiograph(stored, PixelSpacing=["0", "0"], ImagerPixelSpacing=["0.15", "0.2"])
+    assert load_volume([both]).spacing == pytest.approx((1.0, 0.15, 0.2))
+    with pytest.raises(InvalidInput, match="non-positive pixel spacing"):
+        load_volume([radiograph(stored, PixelSpacing=["-0.1", "0.1"])])
+
+
 # --- resize keeping the aspect ratio ----------------------------------------------------------
 
 
@@ -142,7 +159,12 @@ def test_fit_keeps_the_aspect_ratio_and_pads_evenly_with_the_minimum(
     shape: tuple[int, int], content: tuple[slice, slice]
 ) -> None:
     rows, columns = shape
-    result = prepared(radiograph(_vertical_gradient(rows, columns), window=None), target_shape=[64, 64], resize="fit", intensity="none")
+    result = prepared(
+        radiograph(_vertical_gradient(rows, columns), window=None),
+        target_shape=[64, 64],
+        resize="fit",
+        intensity="none",
+    )
     image = result.array[0]
     assert result.content is not None and tuple(result.content[1:]) == content
     inside = image[content]
@@ -237,3 +259,57 @@ def test_non_radiographs_are_refused(package: ModelPackage, runner: OnnxRunner) 
     volume = load_volume(make_series(np.zeros((1, 16, 16), np.float32), modality="CT"))
     with pytest.raises(InvalidInput, match="accepts modalities"):
         infer(volume, package, runner)
+
+
+# --- the SR of a radiograph -------------------------------------------------------------------
+
+
+def computed_radiograph(**attributes: Any) -> Dataset:
+    """A CR with the patient and study attributes an SR copies; ``attributes`` are set last."""
+    ds = radiograph(chest())
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.Modality = "CR"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Chest", "SYN0002", "", "O"
+    ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = derived_uid("test-cr", "study"), "1", ""
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20240101", "120000", ""
+    ds.SeriesInstanceUID, ds.SeriesNumber = derived_uid("test-cr", "series"), 1
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(derived_uid("test-cr", "instance"))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("attributes", "spacing_described"),
+    [
+        ({"PatientOrientation": ["L", "F"], "ImagerPixelSpacing": ["0.1", "0.1"]}, True),
+        ({"PatientOrientation": ["L", "F"]}, False),  # Imager Pixel Spacing is optional in a CR
+        ({"PatientOrientation": "", "ImagerPixelSpacing": ["0.1", "0.1"]}, False),  # Type 2C, empty
+    ],
+    ids=["calibrated", "no-imager-pixel-spacing", "empty-patient-orientation"],
+)
+def test_sr_of_a_computed_radiograph_is_valid(
+    tmp_path: Path, package: ModelPackage, runner: OnnxRunner, attributes: dict[str, Any], spacing_described: bool
+) -> None:
+    """highdicom reads TID 1603's optional descriptors unconditionally; build_sr must not fail on a CR without them."""
+    ds = computed_radiograph(**attributes)
+    manifest = package.manifest
+    output = infer(load_volume([ds]), package, runner)
+    assert output.probabilities is not None
+    findings = [ClassificationFinding(c, float(output.probabilities[c.index])) for c in manifest.classes]
+    sr = build_sr(
+        [ds],
+        manifest,
+        seg=None,
+        measurements=[],
+        findings=findings,
+        series_instance_uid=derived_uid("test-cr", "sr-series"),
+        sop_instance_uid=derived_uid("test-cr", "sr-instance"),
+        series_number=9002,
+    )
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    dump = dsrdump(path)
+    assert '"Modality")=(CR,DCM,"Computed Radiography")' in dump
+    assert ('"Horizontal Pixel Spacing")="0.1"' in dump) is spacing_described

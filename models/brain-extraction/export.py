@@ -1,0 +1,172 @@
+"""Export deepbet's brain-extraction networks to ONNX and write the ``brain-extraction`` package.
+
+Run from anywhere with the ``export`` extra installed (torch 2.13.0, onnx, deepbet 1.0.2)::
+
+    python models/brain-extraction/export.py
+
+deepbet (Fisch et al., MIT licence) ships two TorchScript networks in its wheel: ``bbox_model.pt``, a
+coarse 3D U-Net that finds the brain on a 128^3 version of the whole head, and ``model.pt``, which
+segments the brain in the cropped box at 256^3. Both end with a softmax over two channels
+(background, brain). This script exports both with the TorchScript-based exporter (``dynamo=False``,
+opset 17) at fixed input shapes, checks ONNX Runtime against TorchScript on the same inputs (printing
+the largest absolute difference of each), and writes ``manifest.json`` with the SHA-256 of both files.
+The manifest's preprocessing reproduces deepbet's ``BrainExtraction.run_model`` (see
+``workers/roi.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from deepbet.utils import DATA_PATH
+
+from infergate.manifest import ModelManifest
+
+HERE = Path(__file__).resolve().parent
+MODEL_ID = HERE.name
+VERSION = "1.0.2"  # deepbet's release whose weights these are
+OPSET = 17
+
+#: (TorchScript file in deepbet's wheel, ONNX file here, cubic input size)
+NETWORKS = (("bbox_model.pt", "bbox_model.onnx", 128), ("model.pt", "model.onnx", 256))
+#: deepbet's ``normalize``: clip to these percentiles of the coarse image, z-score, then 0.226 x + 0.449.
+PERCENTILES = (0.5, 99.5)
+SCALE, SHIFT = 0.226, 0.449
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def example_input(size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic head-like input in the networks' units: a bright ellipsoid in dark noise, normalised."""
+    rng = np.random.default_rng(seed)
+    axis = (np.arange(size, dtype=np.float32) - size / 2 + 0.5) / (size / 2)
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
+    head = ((x / 0.7) ** 2 + (y / 0.85) ** 2 + (z / 0.75) ** 2 <= 1.0).astype(np.float32)
+    image = 0.6 * head + 0.1 * rng.random((size, size, size), dtype=np.float32)
+    image = (image - image.mean()) / image.std()
+    return (SCALE * image + SHIFT).astype(np.float32)[np.newaxis, np.newaxis]
+
+
+def export(source: Path, target: Path, size: int) -> tuple[float, float, float]:
+    """Export one network; returns (max abs difference, TorchScript seconds, ONNX Runtime seconds)."""
+    model = torch.jit.load(str(source), map_location="cpu").eval()
+    example = torch.from_numpy(example_input(size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's notes on ScriptModules
+        torch.onnx.export(
+            model,
+            (example,),
+            str(target),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["output"],
+        )
+    start = time.perf_counter()
+    with torch.no_grad():
+        reference = model(example).numpy()
+    torch_seconds = time.perf_counter() - start
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    (output,) = session.run(["output"], {"input": example.numpy()})
+    onnx_seconds = time.perf_counter() - start
+    return float(np.max(np.abs(output - reference))), torch_seconds, onnx_seconds
+
+
+def _code(value: str, meaning: str) -> dict[str, str]:
+    return {"value": value, "scheme": "SCT", "meaning": meaning}
+
+
+def manifest(model_sha256: str, bbox_sha256: str) -> dict[str, Any]:
+    """The package manifest: deepbet's pipeline expressed in infergate's schema."""
+    brain = _code("12738006", "Brain")
+    return {
+        "id": MODEL_ID,
+        "version": VERSION,
+        "name": "Brain extraction (deepbet)",
+        "description": (
+            "deepbet 1.0.2 (Fisch et al., MIT licence) exported to ONNX: brain mask of a T1-weighted head MR "
+            "volume, found by a coarse 128^3 network and segmented in the cropped box at 256^3. "
+            "Research use only; not for clinical use."
+        ),
+        "task": "segmentation",
+        "file": "model.onnx",
+        "sha256": model_sha256,
+        "input_name": "input",
+        "output_name": "output",
+        "accepts": {"modalities": ["MR"], "dimensionality": 3, "min_slices": 20},
+        "preprocess": {
+            "orientation": "RAS",
+            "roi": {
+                "file": "bbox_model.onnx",
+                "sha256": bbox_sha256,
+                "input_name": "input",
+                "output_name": "output",
+                "shape": [128, 128, 128],
+                "interpolation": "nearest",
+                "channel": 1,
+                "threshold": 0.5,
+                "largest_component": True,
+                "margin": 0.1,
+            },
+            "target_shape": [256, 256, 256],
+            "interpolation": "nearest",
+            "intensity": "percentile",
+            "percentiles": list(PERCENTILES),
+            "standardize": True,
+            "scale": SCALE,
+            "shift": SHIFT,
+            "batch_size": 1,
+        },
+        "postprocess": {
+            "activation": "softmax",
+            "threshold": 0.5,
+            "channel": 1,
+            "largest_component": True,
+            "fill_holes": True,
+        },
+        "labels": [
+            {
+                "value": 1,
+                "name": "Brain",
+                "category": _code("91723000", "Anatomical structure"),
+                "type": brain,
+                "anatomic_region": brain,
+                "color": [255, 190, 120],
+            }
+        ],
+        "measurements": ["volume"],
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    hashes: dict[str, str] = {}
+    for source_name, target_name, size in NETWORKS:
+        source = Path(DATA_PATH) / "models" / source_name
+        target = HERE / target_name
+        difference, torch_seconds, onnx_seconds = export(source, target, size)
+        hashes[target_name] = sha256(target)
+        print(
+            f"{target_name}: input 1x1x{size}^3, max |ONNX Runtime - TorchScript| = {difference:.2e} "
+            f"(TorchScript {torch_seconds:.1f} s, ONNX Runtime {onnx_seconds:.1f} s)"
+        )
+    document = manifest(hashes["model.onnx"], hashes["bbox_model.onnx"])
+    ModelManifest.model_validate(document)  # refuse to write a manifest the worker would refuse
+    path = HERE / "manifest.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
