@@ -61,7 +61,9 @@ def test_series_type_is_reported_in_a_valid_sr(acquisition: str, expected: str, 
     assert dciodvfy_errors(path) == []
     dump = dsrdump(path)
     assert f'CODE:(,,"Image Type")={code}' in dump  # the class, as the value of the finding concept
-    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups = report.get_image_measurement_groups()
     assert [g.tracking_identifier for g in groups] == [c.name for c in manifest.classes]
     reported = {g.tracking_identifier: g.get_measurements()[0].value for g in groups}
     assert reported[expected] == pytest.approx(float(probabilities.max()))

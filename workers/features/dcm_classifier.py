@@ -176,7 +176,7 @@ def has_gradient_direction(ds: Dataset) -> bool:
         try:
             direction = np.array(raw)
             break
-        except TypeError:
+        except (TypeError, ValueError):  # dcm-classifier moves on after a TypeError (and fails on ValueError)
             direction = None
     if direction is None or direction.size != 3:
         return False

@@ -52,7 +52,9 @@ def runner() -> OnnxRunner:
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory, package: ModelPackage, runner: OnnxRunner) -> tuple[Volume, np.ndarray]:
+def phantom(
+    tmp_path_factory: pytest.TempPathFactory, package: ModelPackage, runner: OnnxRunner
+) -> tuple[Volume, np.ndarray]:
     info = write_ct_series(
         tmp_path_factory.mktemp("phantom"),
         slices=SLICES,
@@ -143,7 +145,7 @@ def test_phantom_labels_overlap_the_truth(phantom: tuple[Volume, np.ndarray]) ->
 def _exact_body(image: np.ndarray, air_max: float) -> np.ndarray:
     """The model's body rule with true connected components (scipy), on the model grid."""
     square = np.ones((3, 3), dtype=bool)
-    dense = ndimage.binary_opening(image >= air_max, structure=square, border_value=0)
+    dense = ndimage.binary_opening(image >= np.float32(air_max), structure=square, border_value=0)
     components, _ = ndimage.label(~dense, structure=square)
     edge = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
     enclosed = ~np.isin(components, edge[edge > 0])
@@ -160,7 +162,7 @@ def test_fixed_step_outline_equals_an_exact_flood_fill(
     image = prepared.array[volume.shape[0] // 2]
     window = package.manifest.preprocess.window
     assert window is not None
-    air_max = np.float32((AIR_MAX_HU - (window.center - window.width / 2.0)) / window.width)
+    air_max = (AIR_MAX_HU - (window.center - window.width / 2.0)) / window.width
     scores = runner.run(package, image[np.newaxis, np.newaxis])
     assert scores.shape == (1, 5, *image.shape)
     assert set(np.unique(scores)) <= {0.0, 1.0} and np.all(scores.sum(axis=1) == 1.0)  # one-hot
@@ -213,9 +215,7 @@ def test_real_head_slice_finds_skull_brain_and_outside(package: ModelPackage, ru
     assert len(crossing_skull) >= 6, rays
 
 
-def test_real_abdominal_slice_keeps_the_patient_and_drops_the_table(
-    package: ModelPackage, runner: OnnxRunner
-) -> None:
+def test_real_abdominal_slice_keeps_the_patient_and_drops_the_table(package: ModelPackage, runner: OnnxRunner) -> None:
     """pydicom's abdominal CT slice (``PANCREAS``, image upside down): fat, spine, bowel gas, and a table."""
     volume = _real_slice("explicit_VR-UN.dcm")
     assert volume.datasets[0].Modality == "CT"

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from infergate.errors import InvalidInput, ModelFailed
 from infergate.manifest import ModelManifest, ModelPackage, load_package
-from tests.data.make_series import write_mr_series
+from tests.data.make_series import Orientation, write_mr_series
 from tests.data.mr_sequences import ACQUISITIONS, write_acquisition
 from tests.unit.workers._fakes import MODELS_DIR
 from workers.features.dcm_classifier import DCM_CLASSIFIER_FEATURES, MISSING, b_value, split_volumes
@@ -57,6 +57,7 @@ EXPECTED = {
     "Dixon_fat": ["fa"],
     "empty_values": ["t1w"],
 }
+ORIENTATIONS: tuple[Orientation, ...] = ("axial", "coronal", "sagittal")
 REAL_FILES = ["MR-SIEMENS-DICOM-WithOverlays.dcm", "MR_small.dcm", "MR2_UNCR.dcm"]
 
 
@@ -210,14 +211,14 @@ def test_real_vendor_headers_agree(
 
 def test_reference_header_is_the_first_image_along_the_normal(dcm_classifier: Any, tmp_path: Path) -> None:
     """dcm-classifier reads the first file in GDCM's order, not in Instance Number order."""
-    for number, orientation in enumerate(("axial", "coronal", "sagittal"), start=1):
+    for number, orientation in enumerate(ORIENTATIONS, start=1):
         info = write_mr_series(tmp_path / orientation, slices=5, size=16, orientation=orientation, series_number=number)
         for index, (path, instance) in enumerate(zip(info.paths, [3, 1, 5, 2, 4], strict=True)):
             ds = pydicom.dcmread(path)
             ds.PixelBandwidth, ds.SAR, ds.InstanceNumber = "130", str(index + 1), instance
             ds.save_as(path)
     reference = run_reference(dcm_classifier, tmp_path)
-    for number, orientation in enumerate(("axial", "coronal", "sagittal"), start=1):
+    for number, orientation in enumerate(ORIENTATIONS, start=1):
         (expected,) = reference[number]
         datasets = read_series(tmp_path / orientation)[::-1]
         assert expected.features is not None

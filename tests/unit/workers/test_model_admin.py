@@ -74,7 +74,7 @@ def test_onnx_whose_class_count_disagrees_is_refused(tmp_path: Path) -> None:
 
 def test_onnx_whose_rank_disagrees_is_refused(tmp_path: Path) -> None:
     folder = _copy("ct-tissue-seg", tmp_path)
-    _edit(folder, lambda m: m["accepts"].update(dimensionality=2))
+    _edit(folder, lambda m: m["accepts"].update(dimensionality=3))
     report = validate(folder)
     assert any('"accepts.dimensionality"' in e for e in report.errors), report.errors
 
