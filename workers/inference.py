@@ -4,7 +4,8 @@ This is the "inference operator" of the pipeline (MONAI Deploy's split): it take
 :class:`~infergate.dicom.volume.Volume` and returns a typed :class:`InferenceOutput`, knowing
 nothing of Celery, SQL or DICOM writing. The network itself is behind
 :class:`~workers.runtime.InferenceRunner`, so tests can substitute a runner that computes a known
-function.
+function; a package with a region-of-interest cascade also needs
+:class:`~workers.runtime.RegionRunner` to run its second ONNX file.
 """
 
 from __future__ import annotations
@@ -296,8 +297,9 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
         The volume does not fit the manifest's ``accepts``.
     ModelFailed
         The runner failed, the output has the wrong shape (e.g. a class count that differs from
-        the manifest) or non-finite values, or the manifest's preprocessing does not fit the
-        model's dimensionality.
+        the manifest) or non-finite values, the manifest's preprocessing does not fit the
+        model's dimensionality, or its region-of-interest model found nothing to crop (or the
+        runner cannot run that model: it needs :class:`~workers.runtime.RegionRunner`).
     """
     manifest = package.manifest
     check_accepts(volume, manifest)

@@ -14,7 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_voi, apply_windowing
 
-from infergate.dicom.volume import Volume, _invert_monochrome1
+from infergate.dicom.volume import Volume, invert_monochrome1
 from infergate.manifest import Preprocess
 
 
@@ -44,11 +44,12 @@ def voi_source(volume: Volume) -> VoiSource:
     """
     ds = volume.datasets[0]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    geometry = "ImageOrientationPatient" in ds and "ImagePositionPatient" in ds
+    # the loader's own test for "a projection image without patient geometry"
+    geometry = ds.get("ImageOrientationPatient") is not None and ds.get("ImagePositionPatient") is not None
     if photometric != "MONOCHROME1" or len(volume.datasets) != 1 or geometry:
         return VoiSource(dataset=ds)
     corner = volume.array[:1, :1, :1]
-    modality = _invert_monochrome1(volume.array, ds)[:1, :1, :1]
+    modality = invert_monochrome1(volume.array, ds)[:1, :1, :1]
     return VoiSource(dataset=ds, reflection=float(modality[0, 0, 0] + corner[0, 0, 0]))
 
 

@@ -14,7 +14,7 @@ physical extent before and after resampling.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -56,14 +56,10 @@ class PreparedInput:
     array: np.ndarray
     source_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
-    orientation: Reorientation = field(default_factory=Reorientation)
-    crop: tuple[slice, slice, slice] | None = None
-    content: tuple[slice, slice, slice] | None = None
-    region_shape: tuple[int, int, int] = (0, 0, 0)
-
-    def __post_init__(self) -> None:
-        if self.region_shape == (0, 0, 0):  # default: the whole (reoriented) source was resampled
-            object.__setattr__(self, "region_shape", self.orientation.shape(self.source_shape))
+    orientation: Reorientation
+    crop: tuple[slice, slice, slice] | None
+    content: tuple[slice, slice, slice] | None
+    region_shape: tuple[int, int, int]
 
 
 def model_grid_shape(
@@ -191,6 +187,7 @@ def prepare(
     region_shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
     resized, grid_spacing, content = _resize(array, spacing, preprocess, dimensionality)
     if bounds is None and preprocess.intensity == "percentile":
+        # of the image only: a fit's padding (the minimum) would drag the low percentile down
         bounds = percentile_bounds(resized[content] if content is not None else resized, preprocess.percentiles)
     return PreparedInput(
         array=normalise_intensity(resized, preprocess, bounds=bounds, voi=voi),

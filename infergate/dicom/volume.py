@@ -191,7 +191,7 @@ def _load_projection(ds: Dataset) -> Volume:
         raise InvalidInput(f"Image 0 has a non-positive pixel spacing ({row_spacing}, {column_spacing}).")
     pixels = _pixels(ds, 0)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        pixels = _invert_monochrome1(pixels, ds)
+        pixels = invert_monochrome1(pixels, ds)
     return Volume(
         array=pixels[np.newaxis],
         spacing=(_PROJECTION_DEFAULT_SPACING, row_spacing, column_spacing),
@@ -201,7 +201,7 @@ def _load_projection(ds: Dataset) -> Volume:
     )
 
 
-def _invert_monochrome1(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+def invert_monochrome1(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     """Map MONOCHROME1 values onto MONOCHROME2 polarity over the full range of stored values.
 
     Using the range the stored bits can hold (rather than the image's own minimum and maximum)

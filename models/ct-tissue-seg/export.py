@@ -36,12 +36,12 @@ VERSION = "2.0.0"
 #: The manifest's window maps -1000..2000 HU onto 0..1. Everything below -1000 HU (the -2048 or -3024 HU
 #: many scanners store outside the reconstruction circle) becomes -1000, i.e. plain air.
 WINDOW_LOW_HU, WINDOW_HIGH_HU = -1000.0, 2000.0
-#: Below this a voxel is air for the body outline (midway between air, -1000, and fat, about -100).
+#: Below this a voxel is air for the body outline (near the midpoint of air, -1000, and fat, about -100).
 AIR_MAX_HU = -500.0
-#: Inside the body, below this is "Lung": aerated lung (-950 to -600), airways, and any other enclosed gas.
+#: Inside the body, below this is "Lung": aerated lung (about -900 to -600), airways, and other enclosed gas.
 #: It sits near the midpoint between lung (-800) and soft tissue (40), so partial-volume edges split evenly.
 LUNG_MAX_HU = -400.0
-#: Adipose tissue, -190 to -30 HU, the range body-composition studies use (Kvist 1988; Yoshizumi 1999).
+#: Adipose tissue, -190 to -30 HU: the range CT body-composition studies commonly use.
 FAT_MIN_HU, FAT_MAX_HU = -190.0, -30.0
 #: At and above this a voxel is "Bone": cortical and dense cancellous bone, but also iodinated contrast,
 #: calcification and metal, which rules on HU alone cannot tell apart.
@@ -54,18 +54,22 @@ TARGET_SPACING_MM = 1.5
 #: (8-connected), so the fill is exact when every outside-air voxel is within 160 steps (240 mm) of the edge
 #: along an air path; for air further away (a deep, narrow pocket) the body outline is too large.
 FILL_STEPS = 160
-#: Opening radius applied to non-air before the fill: removes structures at most 2 voxels (3 mm) thick -
+#: Side of the square that opens non-air before the fill: removes structures at most 2 voxels (3 mm) thick -
 #: table shells, head-holder straps, tubes, clothing - so that air they enclose is reached by the fill.
-OUTLINE_OPENING = 1
-#: A region counts as body only if a (2 * 6 + 1)-voxel square (19.5 mm) fits inside it somewhere (or it is
-#: connected to such a region): removes thicker table parts and other objects beside the patient.
-CORE_RADIUS = 6
+OUTLINE_OPENING = 3
+#: A region counts as body only if a 13-voxel square (19.5 mm) fits inside it somewhere, or it is connected
+#: to such a core: removes thicker table parts and other objects beside the patient.
+CORE_SQUARE = 13
 #: Geodesic dilation steps that grow the body back from those cores (60 mm: limbs, nose and ears attached
 #: to the core by up to that distance are kept).
 RECONSTRUCTION_STEPS = 40
-#: Opening then closing radius of the lung, fat and (opening only) bone masks: drops specks of one or two
-#: voxels that noise pushes across a threshold, and fills pinholes (vessels in the lung, strands in fat).
-CLEANUP_RADIUS = 1
+#: Lung clean-up: opening and closing with a 3-voxel square drop gas pockets under 4.5 mm and fill vessels
+#: and fissures up to about 3 mm, so that "Lung" is the organ's region rather than only its aerated voxels.
+LUNG_CLEANUP = 3
+#: Fat (opening and closing) and bone (opening only) clean-up with a 2-voxel square: drops single voxels and
+#: one-voxel lines that noise or partial volume push across a threshold (e.g. the fat-range rim where lung
+#: meets soft tissue), fills pinholes in fat, and keeps any fat plane or bone at least 3 mm thick.
+TISSUE_CLEANUP = 2
 
 CLASS_NAMES = ("background", "Soft tissue", "Fat", "Lung", "Bone")
 
@@ -79,49 +83,56 @@ def hu_to_unit(hu: float) -> float:
     return (hu - WINDOW_LOW_HU) / (WINDOW_HIGH_HU - WINDOW_LOW_HU)
 
 
-def _square_pool(mask: torch.Tensor, radius: int, pool: str) -> torch.Tensor:
-    """Max- or mean-pool over a ``(2 radius + 1)``-voxel square centred on each voxel, same output size.
+def _square_pool(mask: torch.Tensor, size: int, pool: str) -> torch.Tensor:
+    """Max- or mean-pool over a ``size``-voxel square around each voxel; same output size as ``mask``.
 
-    Radii above 1 are done as a row then a column pass, which gives the same square at a fraction of
-    the cost. Max-pooling pads with -inf (neutral, as masks are non-negative); mean-pooling counts the
-    padding as zeros (``count_include_pad``), i.e. as voxels outside the mask.
+    Odd squares are centred. Even squares cannot be: the window of voxel ``i`` is ``i + B`` for
+    erosion (mean) and ``i - B`` for dilation (max), with ``B = {0, 1}`` per axis for ``size`` 2,
+    which is what opening and closing by the same square need. Squares above 3 are done as a row
+    then a column pass, the same square at a fraction of the cost. Max-pooling pads with -inf
+    (neutral, as masks are non-negative); mean-pooling counts the padding as zeros
+    (``count_include_pad``), i.e. as voxels outside the mask.
     """
-    size = 2 * radius + 1
-    passes = [((size, size), (radius, radius))] if radius == 1 else [((1, size), (0, radius)), ((size, 1), (radius, 0))]
+    half = size // 2
+    if size <= 3:
+        passes = [((size, size), (half, half))]
+    else:
+        passes = [((1, size), (0, half)), ((size, 1), (half, 0))]
     for kernel, padding in passes:
         if pool == "max":
             mask = F.max_pool2d(mask, kernel, stride=1, padding=padding)
         else:
             mask = F.avg_pool2d(mask, kernel, stride=1, padding=padding, count_include_pad=True)
+    if size % 2 == 0:  # one extra row and column: keep the windows anchored as the docstring says
+        mask = mask[..., 1:, 1:] if pool == "mean" else mask[..., :-1, :-1]
     return mask
 
 
-def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation by a ``(2 radius + 1)``-voxel square: max-pooling is dilation."""
-    return _square_pool(mask, radius, "max") if radius > 0 else mask
+def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary dilation by a ``size``-voxel square: max-pooling is dilation."""
+    return _square_pool(mask, size, "max") if size > 1 else mask
 
 
-def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary erosion by a ``(2 radius + 1)``-voxel square; outside the image counts as not in the mask.
+def erode(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary erosion by a ``size``-voxel square; outside the image counts as not in the mask.
 
     A voxel stays when the mean over its square, padding included as zeros, is 1; so a region
     touching the image edge is eroded from that side too. Means of 0/1 values step by at least
     ``1 / size**2``, so comparing with ``1 - 0.5 / size**2`` is exact despite rounding.
     """
-    if radius == 0:
+    if size <= 1:
         return mask
-    size = 2 * radius + 1
-    return (_square_pool(mask, radius, "mean") > 1.0 - 0.5 / size**2).float()
+    return (_square_pool(mask, size, "mean") > 1.0 - 0.5 / size**2).float()
 
 
-def opening(mask: torch.Tensor, radius: int) -> torch.Tensor:
+def opening(mask: torch.Tensor, size: int) -> torch.Tensor:
     """Erosion then dilation: the union of all squares that fit in the mask; thinner parts vanish."""
-    return dilate(erode(mask, radius), radius)
+    return dilate(erode(mask, size), size)
 
 
-def closing(mask: torch.Tensor, radius: int) -> torch.Tensor:
+def closing(mask: torch.Tensor, size: int) -> torch.Tensor:
     """Dilation then erosion: fills holes and gaps narrower than the square; convex shapes are unchanged."""
-    return erode(dilate(mask, radius), radius)
+    return erode(dilate(mask, size), size)
 
 
 def geodesic_dilation(marker: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -145,7 +156,7 @@ class TissueRules(nn.Module):
 
     1. non-air (>= ``AIR_MAX_HU``), opened to drop thin non-patient objects;
     2. outside air: the remaining air flooded from the image edge (:func:`geodesic_dilation`);
-    3. body: everything else, restricted to regions with a ``CORE_RADIUS`` core (or attached to one);
+    3. body: everything else, restricted to regions with a ``CORE_SQUARE`` core (or attached to one);
     4. inside the body: lung (< ``LUNG_MAX_HU``), bone (>= ``BONE_MIN_HU``) and fat (``FAT_MIN_HU``
        to ``FAT_MAX_HU``), each cleaned by opening/closing, in that order of precedence; soft
        tissue is the rest of the body (skin, muscle, organs, fluid, brain, partial-volume edges).
@@ -175,19 +186,19 @@ class TissueRules(nn.Module):
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """Mask of everything inside the patient outline (steps 1-3)."""
         air = 1.0 - opening((x >= self._threshold("air_max")).float(), OUTLINE_OPENING)
-        edge = 1.0 - erode(torch.ones_like(x), 1)  # the outermost rows and columns
+        edge = 1.0 - erode(torch.ones_like(x), 3)  # the outermost rows and columns
         outside = geodesic_dilation(edge * air, air, FILL_STEPS)
         enclosed = 1.0 - outside
-        return geodesic_dilation(erode(enclosed, CORE_RADIUS), enclosed, RECONSTRUCTION_STEPS)
+        return geodesic_dilation(erode(enclosed, CORE_SQUARE), enclosed, RECONSTRUCTION_STEPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         body = self.body(x)
         low = (x < self._threshold("lung_max")).float() * body
-        lung = closing(opening(low, CLEANUP_RADIUS), CLEANUP_RADIUS) * body
+        lung = closing(opening(low, LUNG_CLEANUP), LUNG_CLEANUP) * body
         dense = (x >= self._threshold("bone_min")).float() * body
-        bone = opening(dense, CLEANUP_RADIUS) * (1.0 - lung)
+        bone = opening(dense, TISSUE_CLEANUP) * (1.0 - lung)
         fatty = (x >= self._threshold("fat_min")).float() * (x < self._threshold("fat_max")).float() * body
-        fat = closing(opening(fatty, CLEANUP_RADIUS), CLEANUP_RADIUS) * body * (1.0 - lung) * (1.0 - bone)
+        fat = closing(opening(fatty, TISSUE_CLEANUP), TISSUE_CLEANUP) * body * (1.0 - lung) * (1.0 - bone)
         soft = body * (1.0 - lung) * (1.0 - bone) * (1.0 - fat)
         return torch.cat([1.0 - body, soft, fat, lung, bone], dim=1)
 

@@ -113,6 +113,8 @@ def write_mni_series(
         Paths, UIDs and the reference brain mask on the DICOM grid.
     """
     image = nib.load(mni_t1_path())
+    if not isinstance(image, nib.Nifti1Image):
+        raise TypeError(f"{mni_t1_path()} did not load as NIfTI-1.")
     values, voxel_to_lps = _as_axial(image)  # uint8, (slices, rows, columns)
     slices, rows, columns = values.shape
     column_step, row_step, slice_step = (voxel_to_lps[:3, axis] for axis in range(3))
@@ -179,7 +181,7 @@ def write_mni_series(
 
 def _mprage_header(ds: Dataset, slice_spacing: float) -> None:
     """MR Image module (PS3.3 C.8.3.1): a 3 T 3D MPRAGE, as a typical scanner labels it."""
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]  # value 3 is required for MR (PS3.3 C.8.3.1.1.1)
     ds.ScanningSequence = ["GR", "IR"]
     ds.SequenceVariant = ["SK", "SP", "MP"]
     ds.ScanOptions = "IR"
@@ -195,6 +197,7 @@ def _mprage_header(ds: Dataset, slice_spacing: float) -> None:
     ds.ImagingFrequency = "123.2"
     ds.ImagedNucleus = "1H"
     ds.MagneticFieldStrength = "3"
+    ds.PixelBandwidth = "240"
     ds.SliceThickness = _ds(slice_spacing)
     ds.SpacingBetweenSlices = _ds(slice_spacing)
 

@@ -3,7 +3,8 @@
 No package ships a multi-slice CT series that can be used offline, so the tests build their own: full CT and
 MR Image IODs (PS3.3 A.3 and A.4) with consistent geometry and UIDs, one Part 10 file per slice, and pixel
 content drawn from simple phantoms whose ground-truth labels are available (:func:`ct_phantom_labels`,
-:func:`mr_phantom_labels`), so that a segmentation model's output can be scored with Dice.
+:func:`ct_phantom_tissues`, :func:`mr_phantom_labels`), so that a segmentation model's output can be scored with
+Dice, and whose CT tissue volumes are known exactly (:func:`ct_phantom_volumes_ml`).
 
 Everything is a function of the arguments and ``seed``: the same call writes byte-identical files, which keeps
 test failures reproducible.
@@ -556,6 +557,9 @@ def write_ct_series(
 ) -> SeriesInfo:
     """Write an axial chest CT phantom as a CT Image IOD series (files ``CT000001.dcm``, ...).
 
+    The phantom is an elliptic chest: skin, a subcutaneous fat ring, muscle and organs, two lungs and a vertebral
+    body, with sharp edges and Gaussian noise (sd 10 HU).
+
     Parameters
     ----------
     folder
@@ -575,7 +579,9 @@ def write_ct_series(
     Returns
     -------
     SeriesInfo
-        The UIDs and paths, in slice order; :func:`ct_phantom_labels` gives the matching ground truth.
+        The UIDs and paths, in slice order; :func:`ct_phantom_labels` (two classes) and
+        :func:`ct_phantom_tissues` (four tissues) give the matching ground truth per pixel, and
+        :func:`ct_phantom_volumes_ml` the exact volumes.
 
     Raises
     ------
