@@ -13,23 +13,16 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from infergate.completion import complete_quiet_series
+from infergate.completion import complete_quiet_series, route_followups
 from infergate.manifest import (
-    Accepts,
-    ClassLabel,
-    Code,
-    ModelManifest,
     ModelPackage,
-    Preprocess,
-    SegmentLabel,
-    Window,
     load_all,
 )
 from infergate.reconcile import reconcile
 from infergate.routing import RoutingRules, load_rules
 from infergate.store import queries
 from infergate.store.session import transaction
-from infergate.store.tables import Instance, Job, JobState, Series, SeriesState, utcnow
+from infergate.store.tables import Finding, Instance, Job, JobState, Series, SeriesState, utcnow
 from tests.helpers.queues import BrokerDown, RecordingQueue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,39 +32,10 @@ QUIET = timedelta(seconds=5)
 CT_MODELS = ["ct-tissue-seg", "ct-bone-classifier"]
 
 
-def _fake_packages(folder: Path) -> dict[str, ModelPackage]:
-    code = Code(value="85756007", scheme="SCT", meaning="Tissue")
-    common = {
-        "version": "0.0.1",
-        "sha256": "0" * 64,
-        "accepts": Accepts(modalities=["CT"], min_slices=8),
-        "preprocess": Preprocess(window=Window(center=40, width=400)),
-    }
-    seg = ModelManifest(
-        id="ct-tissue-seg",
-        name="seg",
-        task="segmentation",
-        labels=[SegmentLabel(value=1, name="Tissue", category=code, type=code)],
-        **common,
-    )
-    cls = ModelManifest(
-        id="ct-bone-classifier",
-        name="cls",
-        task="classification",
-        finding=code,
-        classes=[ClassLabel(index=0, name="no", code=code), ClassLabel(index=1, name="yes", code=code)],
-        **common,
-    )
-    return {m.id: ModelPackage(manifest=m, folder=folder) for m in (seg, cls)}
-
-
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelPackage]:
-    """The shipped packages from models/ when they are there, else manifests built here."""
-    installed = load_all(MODELS_DIR, verify_hash=False)
-    if set(CT_MODELS) <= set(installed):
-        return installed
-    return _fake_packages(tmp_path_factory.mktemp("models"))
+def packages() -> dict[str, ModelPackage]:
+    """The shipped packages."""
+    return load_all(MODELS_DIR, verify_hash=False)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +128,7 @@ def test_series_still_receiving_is_not_routed(
 @pytest.mark.parametrize(
     ("modality", "instances", "image_type"),
     [
-        ("MR", 20, "ORIGINAL\\PRIMARY"),
+        ("PT", 20, "ORIGINAL\\PRIMARY"),
         ("CT", 3, "ORIGINAL\\PRIMARY"),
         ("CT", 20, "DERIVED\\SECONDARY"),
         ("CT", 20, None),
@@ -250,3 +214,32 @@ def test_several_watchers_route_a_series_once(
     sent = sorted(job_id for q in queues for job_id in q.runs)
     all_jobs = sorted(j.id for s in series_ids for j in _jobs(session_factory, s))
     assert sent == all_jobs and len(all_jobs) == 2 * len(series_ids)
+
+
+def _finish_with_finding(factory: sessionmaker[Session], job_id: int, name: str) -> None:
+    with transaction(factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.done
+        session.add(
+            Finding(job_id=job_id, name=name, code_value="1", code_scheme="99X", code_meaning=name, probability=0.9)
+        )
+
+
+@pytest.mark.parametrize(("series_type", "expected"), [("T1w", ["brain-extraction"]), ("FLAIR", [])])
+def test_rules_waiting_for_findings_queue_after_the_classifier(
+    session_factory: sessionmaker[Session],
+    rules: RoutingRules,
+    packages: dict[str, ModelPackage],
+    series_type: str,
+    expected: list[str],
+) -> None:
+    series_id = _series(session_factory, "1.2.3.9", modality="MR", instances=30)
+    routed = complete_quiet_series(session_factory, RecordingQueue(), quiet=QUIET, rules=rules, packages=packages)
+    assert [r.models for r in routed] == [["mr-series-type"]]
+    _finish_with_finding(session_factory, routed[0].job_ids[0], series_type)
+    with transaction(session_factory) as session:
+        new = route_followups(session, series_id, rules=rules, packages=packages)
+    assert [job.model_id for job in _jobs(session_factory, series_id) if job.id in new] == expected
+    with transaction(session_factory) as session:  # asked again, nothing is duplicated
+        assert route_followups(session, series_id, rules=rules, packages=packages) == []
