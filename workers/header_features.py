@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
-from infergate.errors import InfergateError, InvalidInput, ModelFailed
+from infergate.accepts import check_series
+from infergate.errors import InfergateError, ModelFailed
 from infergate.manifest import ModelPackage
 from workers.features import (
     HeaderFeatureExtractor,
@@ -42,14 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _check_accepts(datasets: Sequence[Dataset], package: ModelPackage) -> None:
-    manifest = package.manifest
-    accepts = manifest.accepts
-    modality = str(datasets[0].get("Modality", "") or "").strip().upper()
-    allowed = [m.strip().upper() for m in accepts.modalities]
-    if modality not in allowed:
-        raise InvalidInput(f"Model {manifest.id!r} accepts modalities {allowed}, not {modality or 'none'!r}.")
-    if len(datasets) < accepts.min_slices or (accepts.max_slices is not None and len(datasets) > accepts.max_slices):
-        raise InvalidInput(f"Model {manifest.id!r} does not accept a series of {len(datasets)} images.")
+    check_series(datasets, package.manifest)
 
 
 def volume_probabilities(datasets: Sequence[Dataset], package: ModelPackage, runner: InferenceRunner) -> np.ndarray:

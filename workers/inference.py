@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from infergate.accepts import check_series
 from infergate.dicom.volume import Volume
 from infergate.errors import InfergateError, InvalidInput, ModelFailed
 from infergate.manifest import ModelManifest, ModelPackage
@@ -69,22 +70,15 @@ def check_accepts(volume: Volume, manifest: ModelManifest) -> None:
     Raises
     ------
     InvalidInput
-        Wrong modality, dimensionality or too few slices.
+        Wrong dimensionality, modality, body part, image type or number of slices.
     """
     accepts = manifest.accepts
-    modality = str(volume.datasets[0].get("Modality", "") or "").strip().upper()
-    allowed = [m.strip().upper() for m in accepts.modalities]
-    if modality not in allowed:
-        raise InvalidInput(f"Model {manifest.id!r} accepts modalities {allowed}, not {modality or 'none'!r}.")
     slices = volume.shape[0]
     if accepts.dimensionality == 3 and slices < 2:
         raise InvalidInput(f"Model {manifest.id!r} needs a 3-D volume; the series has a single image.")
     if accepts.dimensionality == 2 and manifest.task == "classification" and slices != 1:
         raise InvalidInput(f"Model {manifest.id!r} classifies a single image; the series has {slices} slices.")
-    if slices < accepts.min_slices:
-        raise InvalidInput(
-            f"Model {manifest.id!r} needs at least {accepts.min_slices} slices; the series has {slices}."
-        )
+    check_series(volume.datasets, manifest, images=slices)
 
 
 def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
