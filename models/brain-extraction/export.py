@@ -222,6 +222,36 @@ def main() -> None:
     path = HERE / "manifest.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {path}")
+    check_on_real_t1()
+
+
+def check_on_real_t1() -> None:
+    """Dice of the exported package, run through the worker's own path, on nilearn's real MNI T1.
+
+    The template is written as a DICOM MR series (as the node would receive it) by the project's
+    test-data script; needs the test dependency group (nilearn, nibabel).
+    """
+    import sys
+    import tempfile
+
+    import numpy as np
+    from pydicom import dcmread
+
+    sys.path.insert(0, str(HERE.parents[1]))
+    from infergate.dicom.volume import load_volume
+    from infergate.manifest import load_package
+    from tests.data.make_mni_series import write_mni_series
+    from workers.inference import infer
+    from workers.runtime import OnnxRunner
+
+    with tempfile.TemporaryDirectory() as folder:
+        mni = write_mni_series(Path(folder))
+        volume = load_volume([dcmread(p) for p in mni.info.paths])
+    output = infer(volume, load_package(HERE), OnnxRunner(["CPUExecutionProvider"]))
+    assert output.label_map is not None
+    mask, reference = output.label_map.astype(bool), mni.reference_mask.astype(bool)
+    dice = 2.0 * np.logical_and(mask, reference).sum() / (mask.sum() + reference.sum())
+    print(f"Dice on the MNI152 2009a T1 (nilearn) against its brain mask: {dice:.4f} (needs >= 0.95)")
 
 
 if __name__ == "__main__":

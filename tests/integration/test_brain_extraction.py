@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import deepbet.bet as deepbet_bet  # the reference implementation (test dependency group)
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from pydicom import dcmread
 
 from infergate.dicom.volume import Volume, load_volume
@@ -25,9 +27,6 @@ from workers.orientation import reorientation
 from workers.postprocess import segment_volumes_ml
 from workers.preprocess import prepare
 from workers.runtime import OnnxRunner
-
-torch = pytest.importorskip("torch")
-deepbet_bet = pytest.importorskip("deepbet.bet")
 
 pytestmark = [
     pytest.mark.integration,
