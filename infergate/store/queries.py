@@ -143,7 +143,7 @@ def claim_job(session: Session, job_id: int, lease: timedelta) -> bool:
 def set_job_state(session: Session, job_id: int, state: JobState, error: str | None = None) -> None:
     now = utcnow()
     values: dict[str, Any] = {"state": state, "error": error, "updated_at": now}
-    if state in (JobState.done, JobState.failed):
+    if state in (JobState.done, JobState.failed, JobState.cancelled):
         values["finished_at"] = now
         values["lease_until"] = None
     if state == JobState.queued:
@@ -196,6 +196,8 @@ def list_jobs(
     state: JobState | None = None,
     model_id: str | None = None,
     study_instance_uid: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> Sequence[Job]:
@@ -204,6 +206,10 @@ def list_jobs(
         stmt = stmt.where(Job.state == state)
     if model_id is not None:
         stmt = stmt.where(Job.model_id == model_id)
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at >= created_after)
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < created_before)
     if study_instance_uid is not None:
         stmt = stmt.join(Series, Series.id == Job.series_id).join(Study, Study.id == Series.study_id)
         stmt = stmt.where(Study.study_instance_uid == study_instance_uid)

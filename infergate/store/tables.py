@@ -44,21 +44,26 @@ class Base(DeclarativeBase):
 
 
 class SeriesState(enum.StrEnum):
-    """``receiving`` until quiet for ``series_quiet_seconds``; then ``routed`` or ``unmatched``."""
+    """``receiving`` until quiet for ``series_quiet_seconds``; then ``routed`` or ``unmatched``.
+
+    ``produced`` marks the node's own SEG/SR series, indexed for DICOMweb but never routed.
+    """
 
     receiving = "receiving"
     routed = "routed"
     unmatched = "unmatched"
+    produced = "produced"
 
 
 class JobState(enum.StrEnum):
-    """``queued -> running -> exporting -> done | failed``."""
+    """``queued -> running -> exporting -> done | failed``; ``cancelled`` by request at any point."""
 
     queued = "queued"
     running = "running"
     exporting = "exporting"
     done = "done"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 class ExportState(enum.StrEnum):
@@ -98,11 +103,29 @@ _TS = UTCDateTime()
 
 
 class Study(Base):
+    """A study, with the Patient and General Study attributes QIDO-RS matches and returns.
+
+    The attributes come from the first instance that created the row, like every attribute the
+    node indexes. Dates are DICOM DA strings (``YYYYMMDD``) and times TM strings (``HHMMSS.F``),
+    so that range matching (PS3.4 C.2.2.2.5) can compare them as text; values that do not follow
+    their VR are not stored.
+    """
+
     __tablename__ = "studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    patient_name: Mapped[str | None] = mapped_column(String(256), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(256))
+    study_id_value: Mapped[str | None] = mapped_column(String(64), doc="Study ID (0020,0010).")
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -125,6 +148,10 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, index=True)
     completed_at: Mapped[datetime | None] = mapped_column(_TS)
     routing_note: Mapped[str | None] = mapped_column(Text)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_date: Mapped[str | None] = mapped_column(String(8))
+    series_time: Mapped[str | None] = mapped_column(String(16))
+    performed_procedure_step_start_date: Mapped[str | None] = mapped_column(String(8))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -143,6 +170,10 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(512), doc="Relative to the data folder.")
     size: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate import __version__
 from infergate.catalog import fingerprint
 from infergate.config import Settings
+from infergate.jobs import JobQueue, JobSender, make_celery
 from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
 from service.api.errors import install_error_handlers
@@ -20,8 +21,10 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def create_app(settings: Settings, session_factory: sessionmaker[Session] | None = None) -> FastAPI:
-    """Build the API for ``settings``; tests may pass their own session factory."""
+def create_app(
+    settings: Settings, session_factory: sessionmaker[Session] | None = None, queue: JobSender | None = None
+) -> FastAPI:
+    """Build the API for ``settings``; tests may pass their own session factory and job queue."""
     app = FastAPI(
         title="infergate",
         version=__version__,
@@ -32,6 +35,8 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session] | None
     app.state.session_factory = session_factory or make_session_factory(make_engine(settings))
     app.state.packages = load_all(settings.models_dir, verify_hash=False)
     app.state.models_fingerprint = fingerprint(settings)
+    app.state.catalog, app.state.catalog_fingerprint = None, None
+    app.state.queue = queue or JobQueue(make_celery(settings))
     install_error_handlers(app)
     for module in (health, jobs, results, models):
         app.include_router(module.router)

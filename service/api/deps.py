@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from infergate.catalog import fingerprint
+from infergate.catalog import Catalog, fingerprint, load_catalog
 from infergate.config import Settings
+from infergate.jobs import JobSender
 from infergate.manifest import ModelPackage, load_all
 
 
@@ -36,3 +37,22 @@ def get_packages(request: Request) -> dict[str, ModelPackage]:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PackagesDep = Annotated[dict[str, ModelPackage], Depends(get_packages)]
+
+
+def get_queue(request: Request) -> JobSender:
+    queue: JobSender = request.app.state.queue
+    return queue
+
+
+def get_catalog(request: Request) -> Catalog:
+    """Models and routing rules, re-read when they changed."""
+    state = request.app.state
+    current = fingerprint(state.settings)
+    if state.catalog is None or current != state.catalog_fingerprint:
+        state.catalog, state.catalog_fingerprint = load_catalog(state.settings, verify_hash=False), current
+    catalog: Catalog = state.catalog
+    return catalog
+
+
+QueueDep = Annotated[JobSender, Depends(get_queue)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]

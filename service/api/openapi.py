@@ -17,7 +17,17 @@ DEFAULT_PATH = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 
 def openapi_document() -> dict[str, Any]:
     """The document for default settings; an unbound session factory, since nothing is queried."""
-    return create_app(Settings(), session_factory=sessionmaker()).openapi()
+    return create_app(Settings(), session_factory=sessionmaker(), queue=_NoQueue()).openapi()
+
+
+class _NoQueue:
+    """Exporting the document sends nothing; this keeps it from creating a broker."""
+
+    def send_run(self, job_id: int, countdown: float | None = None) -> None:
+        raise RuntimeError("no queue while exporting the OpenAPI document")
+
+    def send_export(self, job_id: int, countdown: float | None = None) -> None:
+        raise RuntimeError("no queue while exporting the OpenAPI document")
 
 
 def render() -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from infergate.store.tables import ExportState, JobState
+
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 
 class _Out(BaseModel):
@@ -71,6 +73,16 @@ class JobDetail(JobSummary):
     findings: list[FindingOut]
     measurements: list[MeasurementOut]
     result_objects: list[ResultObjectOut]
+
+
+class JobRequest(BaseModel):
+    """Run ``model_id`` (or, without it, what the routing rules choose) on a study the node holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str = Field(pattern=UID_PATTERN, max_length=64)
+    series_instance_uid: str | None = Field(None, pattern=UID_PATTERN, max_length=64)
+    model_id: str | None = Field(None, max_length=64)
 
 
 class JobList(BaseModel):
