@@ -6,10 +6,12 @@ down; nothing else reads ``os.environ``. All variables carry the ``INFERGATE_`` 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -19,6 +21,15 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: no backslash, no control chars
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+
+#: What a caller of the REST API may do; ``admin`` implies the other two (see service/api/auth.py).
+Scope = Literal["read", "submit", "admin"]
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+#: Asymmetric JWS algorithms only: a JWKS holds public keys, and HS*/none would let a token choose its own key.
+JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 
 
 def _check_ae_title(value: str, name: str) -> str:
@@ -50,6 +61,69 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, ``127.0.0.0/8``, ``::1``).
+
+    Any other name counts as reachable from the network, since a host name may resolve anywhere.
+    """
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiKey(BaseModel):
+    """A static REST API key, held only as the SHA-256 hex digest of the key itself.
+
+    Keeping the digest rather than the key means that settings, environment dumps and the keys file
+    never disclose a usable credential.
+    """
+
+    name: str
+    sha256: str
+    scopes: frozenset[Scope]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _KEY_NAME.match(value):
+            raise ValueError('API key "name" should be 1-64 letters, digits, ".", "_" or "-".')
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        if not _SHA256_HEX.match(value):
+            raise ValueError(
+                f'API key "sha256" should be the 64-digit SHA-256 hex digest of the key (got {len(value)} characters), '
+                "never the key itself."
+            )
+        return value.lower()
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _scope_list(cls, value: object) -> object:
+        return value.split() if isinstance(value, str) else value
+
+    @field_validator("scopes")
+    @classmethod
+    def _some_scope(cls, value: frozenset[str]) -> frozenset[str]:
+        if not value:
+            raise ValueError('API key "scopes" should name at least one of read, submit, admin.')
+        return value
+
+    @classmethod
+    def parse(cls, text: str) -> ApiKey:
+        """Parse ``name:sha256hex:scope1 scope2`` (the form ``INFERGATE_API_KEYS`` uses)."""
+        parts = text.strip().split(":")
+        if len(parts) != 3:
+            raise ValueError("An API key entry should have the form name:sha256hex:scopes (scopes space-separated).")
+        return cls.model_validate({"name": parts[0], "sha256": parts[1], "scopes": parts[2]})
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -77,6 +151,27 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the REST API binds.")
     api_port: int = Field(8000, description="REST API port.")
+
+    auth_required: bool | None = Field(
+        None,
+        description="Require authentication on the REST API; unset: required unless API_HOST is loopback "
+        "and no method is configured.",
+    )
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated static API keys, each name:sha256hex:scopes (scopes space-separated).",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="JSON/YAML list of API keys ({name, sha256, scopes}), read when the API starts."
+    )
+    jwt_issuer: str | None = Field(None, description="Accepted `iss` of bearer JWTs.")
+    jwt_audience: str | None = Field(None, description="Accepted `aud` of bearer JWTs (this API's identifier).")
+    jwks_file: Path | None = Field(None, description="JWKS file with the issuer's public keys, read at start.")
+    jwks_url: str | None = Field(None, description="JWKS URL of the issuer (https, or http on loopback); cached.")
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "ES256"], description="Comma-separated accepted JWS algorithms."
+    )
+    jwt_leeway_seconds: float = Field(30.0, description="Clock skew allowed when checking exp/nbf/iat.")
 
     series_quiet_seconds: float = Field(5.0, description="A series is complete after this long without a new instance.")
     watcher_interval_seconds: float = Field(1.0, description="How often the watcher looks for complete series.")
@@ -106,7 +201,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of every process.")
 
-    @field_validator("allowed_calling_aes", "onnx_providers", mode="before")
+    @field_validator("allowed_calling_aes", "onnx_providers", "jwt_algorithms", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -129,6 +224,25 @@ class Settings(BaseSettings):
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object) -> object:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [ApiKey.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        unsafe = [name for name in value if name not in JWT_ALGORITHMS]
+        if unsafe or not value:
+            raise ValueError(
+                f'Setting "jwt_algorithms" accepts only asymmetric algorithms ({", ".join(sorted(JWT_ALGORITHMS))}); '
+                f"refused: {', '.join(unsafe) or 'an empty list'}."
+            )
+        return value
+
     @model_validator(mode="after")
     def _positive(self) -> Settings:
         for name in ("series_quiet_seconds", "watcher_interval_seconds", "job_lease_seconds", "export_backoff_seconds"):
@@ -139,11 +253,69 @@ class Settings(BaseSettings):
                 raise ValueError(f'Setting "{name}" should be at least 1.')
         return self
 
+    @model_validator(mode="after")
+    def _auth(self) -> Settings:
+        """Refuse an API that would answer the network without authentication, or half-configured JWT."""
+        names = ", ".join(key.name for key in self.api_keys)
+        if len({key.name for key in self.api_keys}) != len(self.api_keys) or len(
+            {key.sha256 for key in self.api_keys}
+        ) != len(self.api_keys):
+            raise ValueError(f'Setting "api_keys" repeats a name or a key digest ({names}).')
+        if self.jwt_configured or self.jwks_file is not None or self.jwks_url is not None:
+            if not (self.jwt_issuer and self.jwt_audience):
+                raise ValueError('Bearer tokens need both "jwt_issuer" and "jwt_audience" to be set.')
+            if (self.jwks_file is None) == (self.jwks_url is None):
+                raise ValueError('Bearer tokens need exactly one of "jwks_file" and "jwks_url".')
+        if self.jwks_url is not None:
+            url = urlsplit(self.jwks_url)
+            if not url.hostname or not (
+                url.scheme == "https" or (url.scheme == "http" and is_loopback(url.hostname))
+            ):
+                raise ValueError(
+                    'Setting "jwks_url" should be an https:// URL (http:// only on loopback), '
+                    "so that nobody on the path can substitute the signing keys."
+                )
+        if self.jwt_leeway_seconds < 0:
+            raise ValueError('Setting "jwt_leeway_seconds" should not be negative.')
+        if self.auth_required is False and not is_loopback(self.api_host):
+            raise ValueError(
+                f'Setting "auth_required" may be false only when the REST API binds loopback, not "{self.api_host}".'
+            )
+        if self.auth_enabled and not self.auth_configured:
+            why = (
+                f'The REST API binds "{self.api_host}", which is reachable from the network,'
+                if not is_loopback(self.api_host)
+                else 'Setting "auth_required" is true,'
+            )
+            raise ValueError(
+                f"{why} but no authentication is configured. Set INFERGATE_API_KEYS or INFERGATE_API_KEYS_FILE, "
+                "or INFERGATE_JWT_ISSUER, INFERGATE_JWT_AUDIENCE and INFERGATE_JWKS_FILE or INFERGATE_JWKS_URL "
+                "(README, Authentication); or bind the API to 127.0.0.1."
+            )
+        return self
+
     # Derived values -----------------------------------------------------------------------------
     @cached_property
     def data_path(self) -> Path:
         """Absolute data folder, so that nothing depends on the working directory later."""
         return self.data_dir.expanduser().resolve()
+
+    @property
+    def jwt_configured(self) -> bool:
+        """Whether bearer JWTs are accepted (the validator makes issuer, audience and JWKS go together)."""
+        return bool(self.jwt_issuer or self.jwt_audience)
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether any way to authenticate to the REST API is configured."""
+        return bool(self.api_keys) or self.api_keys_file is not None or self.jwt_configured
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether the REST API checks credentials: as set, else unless it binds loopback with nothing configured."""
+        if self.auth_required is not None:
+            return self.auth_required
+        return self.auth_configured or not is_loopback(self.api_host)
 
     @property
     def instances_dir(self) -> Path:

@@ -53,9 +53,11 @@ def _settle(session: Session, job_id: int) -> float | None:
     failed = [e for e in exports if e.state == ExportState.failed]
     if failed:
         error = "; ".join(sorted({e.last_error or f"export to {e.destination} failed" for e in failed}))
-        queries.set_job_state(session, job_id, JobState.failed, f"export failed: {error}"[:2000])
+        queries.set_job_state(
+            session, job_id, JobState.failed, f"export failed: {error}"[:2000], only_from=JobState.exporting
+        )
     else:
-        queries.set_job_state(session, job_id, JobState.done)
+        queries.set_job_state(session, job_id, JobState.done, only_from=JobState.exporting)
     return None
 
 

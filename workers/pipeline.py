@@ -312,7 +312,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
     except (InvalidInput, ModelFailed, NotFound) as exc:
         log.warning("job %d failed: %s", job_id, exc)
         with ctx.factory() as session, session.begin():
-            queries.set_job_state(session, job_id, JobState.failed, f"{type(exc).__name__}: {exc}")
+            queries.set_job_state(
+                session, job_id, JobState.failed, f"{type(exc).__name__}: {exc}", only_from=JobState.running
+            )
         return JobOutcome.failed, None
     except Exception as exc:
         log.exception("job %d attempt %d raised", job_id, attempt)
@@ -324,6 +326,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
                 job_id,
                 JobState.failed if final else JobState.queued,
                 message + ("" if final else f" (attempt {attempt}, will retry)"),
+                only_from=JobState.running,
             )
         return (JobOutcome.failed, None) if final else (JobOutcome.retry, min(60.0, 2.0**attempt))
     with ctx.factory() as session, session.begin():

@@ -140,7 +140,13 @@ def claim_job(session: Session, job_id: int, lease: timedelta) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def set_job_state(session: Session, job_id: int, state: JobState, error: str | None = None) -> None:
+def set_job_state(
+    session: Session, job_id: int, state: JobState, error: str | None = None, *, only_from: JobState | None = None
+) -> bool:
+    """Move a job to ``state``; with ``only_from``, only if it is still in that state (True if moved).
+
+    Workers pass ``only_from=running`` so that a job cancelled while it ran stays cancelled.
+    """
     now = utcnow()
     values: dict[str, Any] = {"state": state, "error": error, "updated_at": now}
     if state in (JobState.done, JobState.failed, JobState.cancelled):
@@ -149,7 +155,11 @@ def set_job_state(session: Session, job_id: int, state: JobState, error: str | N
     if state == JobState.queued:
         values["queued_at"] = now
         values["lease_until"] = None
-    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    stmt = update(Job).where(Job.id == job_id)
+    if only_from is not None:
+        stmt = stmt.where(Job.state == only_from)
+    result = session.execute(stmt.values(**values))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def jobs_to_resend(session: Session, queued_before: datetime, now: datetime) -> tuple[list[int], list[int]]:

@@ -15,6 +15,7 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate import submission
 from infergate.config import Settings
 from infergate.dicom.storage import resolve_inside
 from infergate.ingest import InstanceHeader, ingest_instance
@@ -24,7 +25,7 @@ from tests.data.make_series import write_ct_series
 from tests.helpers.dicom_validation import dciodvfy_errors
 from tests.helpers.storage_scp import StorageSCP
 from workers.export import backoff, export_job
-from workers.pipeline import JobOutcome, WorkerContext, run_job
+from workers.pipeline import JobOutcome, WorkerContext, compute, record, run_job
 from workers.runtime import OnnxRunner
 
 
@@ -176,3 +177,21 @@ def test_permanent_refusal_is_not_retried(
 def test_backoff_doubles_and_is_capped(make_settings: object) -> None:
     settings = Settings(export_backoff_seconds=2, export_backoff_max_seconds=10)
     assert [backoff(settings, n) for n in (1, 2, 3, 4, 5)] == [2, 4, 8, 10, 10]
+
+
+def test_job_cancelled_while_running_keeps_no_result(
+    db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    series_id = _ingest_series(db_settings, session_factory, tmp_path / "ct", slices=10)
+    job_id = _job(session_factory, series_id, "ct-bone-classifier")
+    ctx = _ctx(db_settings, session_factory)
+    with session_factory() as session, session.begin():
+        assert queries.claim_job(session, job_id, timedelta(minutes=5))
+    result = compute(ctx, job_id)
+    with session_factory() as session, session.begin():
+        submission.cancel(session, job_id)
+    with session_factory() as session, session.begin():
+        assert record(session, ctx, job_id, 1, result) is None
+    with session_factory() as session:
+        job = queries.job_with_results(session, job_id)
+        assert job is not None and job.state == JobState.cancelled and job.findings == []
