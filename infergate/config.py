@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The repository's ``models/`` folder, where the shipped ONNX models live.
@@ -27,9 +27,7 @@ Scope = Literal["read", "submit", "admin"]
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 #: Asymmetric JWS algorithms only: a JWKS holds public keys, and HS*/none would let a token choose its own key.
-JWT_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
+JWT_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 
 
 def _check_ae_title(value: str, name: str) -> str:
@@ -82,6 +80,8 @@ class ApiKey(BaseModel):
     never disclose a usable credential.
     """
 
+    model_config = ConfigDict(hide_input_in_errors=True)  # a raw key given by mistake stays out of errors
+
     name: str
     sha256: str
     scopes: frozenset[Scope]
@@ -124,6 +124,26 @@ class ApiKey(BaseModel):
         return cls.model_validate({"name": parts[0], "sha256": parts[1], "scopes": parts[2]})
 
 
+class Source(BaseModel):
+    """A PACS the node can pull studies from (``POST /api/v1/jobs`` with ``source``)."""
+
+    name: str
+    peer: Destination
+    method: Literal["move", "get"] = "move"
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        """Parse ``NAME=AE@host:port`` or ``NAME=AE@host:port/get``."""
+        name, sep, rest = text.strip().partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name):
+            raise ValueError(f'Source "{text}" should have the form NAME=AE@host:port[/get].')
+        method: Literal["move", "get"] = "move"
+        for suffix in ("/move", "/get"):
+            if rest.endswith(suffix):
+                rest, method = rest[: -len(suffix)], "get" if suffix == "/get" else "move"
+        return cls(name=name, peer=Destination.parse(rest), method=method)
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -133,7 +153,9 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     """Settings of every infergate process, read from ``INFERGATE_*`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="INFERGATE_", extra="ignore")
+    # Errors name the setting and the reason but never echo the value: a misplaced API key or a database
+    # password would otherwise reach the console and the logs of a refused start.
+    model_config = SettingsConfigDict(env_prefix="INFERGATE_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(
         Path("./var"), description="Where received instances, results and the embedded database live."
@@ -173,6 +195,13 @@ class Settings(BaseSettings):
     )
     jwt_leeway_seconds: float = Field(30.0, description="Clock skew allowed when checking exp/nbf/iat.")
 
+    dicomweb_max_upload_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Largest STOW-RS request body (bytes); a larger one is refused with 413."
+    )
+    dicomweb_max_instances: int = Field(
+        10_000, ge=1, description="Most instances (parts) in one STOW-RS request; more are refused with 413."
+    )
+
     series_quiet_seconds: float = Field(5.0, description="A series is complete after this long without a new instance.")
     watcher_interval_seconds: float = Field(1.0, description="How often the watcher looks for complete series.")
     routing_rules: Path | None = Field(None, description="JSON/YAML routing rules; default models/routing.yaml.")
@@ -180,6 +209,11 @@ class Settings(BaseSettings):
 
     pacs: Annotated[list[Destination], NoDecode] = Field(
         default_factory=list, description="Comma-separated result destinations, each AE@host:port."
+    )
+    sources: Annotated[list[Source], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated PACS to pull studies from, each NAME=AE@host:port (C-MOVE to this node) "
+        "or NAME=AE@host:port/get (C-GET).",
     )
     export_max_attempts: int = Field(8, description="C-STORE attempts per result object and destination.")
     export_backoff_seconds: float = Field(2.0, description="First retry delay; doubles per attempt.")
@@ -217,6 +251,14 @@ class Settings(BaseSettings):
         value = _split_list(value)
         if isinstance(value, list):
             return [Destination.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources(cls, value: object) -> object:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [Source.parse(item) if isinstance(item, str) else item for item in value]
         return value
 
     @field_validator("ae_title")
@@ -268,9 +310,7 @@ class Settings(BaseSettings):
                 raise ValueError('Bearer tokens need exactly one of "jwks_file" and "jwks_url".')
         if self.jwks_url is not None:
             url = urlsplit(self.jwks_url)
-            if not url.hostname or not (
-                url.scheme == "https" or (url.scheme == "http" and is_loopback(url.hostname))
-            ):
+            if not url.hostname or not (url.scheme == "https" or (url.scheme == "http" and is_loopback(url.hostname))):
                 raise ValueError(
                     'Setting "jwks_url" should be an https:// URL (http:// only on loopback), '
                     "so that nobody on the path can substitute the signing keys."

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +28,10 @@ from infergate.store.queries import get_or_create_series, get_or_create_study, i
 from infergate.store.tables import Instance, Series, SeriesState, utcnow
 
 log = logging.getLogger(__name__)
+
+
+_PIXEL_KEYS = ("instance_number", "rows", "columns", "bits_allocated", "number_of_frames")
+"""Instance columns taken from the header (besides the UIDs), also refreshed when a result is rewritten."""
 
 
 class IngestOutcome(enum.Enum):
@@ -130,15 +135,16 @@ class InstanceHeader:
         )
 
 
-_DA = re.compile(r"\A[0-9]{8}\Z")
-_TM = re.compile(r"\A[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?\Z")
+# DA and TM as PS3.5 Table 6.2-1 defines them (TM seconds up to 60 for a leap second)
+_DA = re.compile(r"\A[0-9]{4}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])\Z")
+_TM = re.compile(r"\A(?:[01][0-9]|2[0-3])(?:[0-5][0-9](?:(?:[0-5][0-9]|60)(?:\.[0-9]{1,6})?)?)?\Z")
 
 
 def _get(ds: Dataset, keyword: str) -> object:
     """The value of ``keyword``, or None when pydicom cannot convert it to its VR (e.g. IS "abc")."""
     try:
         return ds.get(keyword)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, BytesLengthException):
         # Tolerant when reading: an attribute the node only indexes must not refuse the instance.
         log.debug("an element of an instance could not be read; indexed as missing")
         return None
@@ -233,38 +239,113 @@ def _index(
     calling_ae: str | None,
     called_ae: str | None,
 ) -> bool:
-    study_id = get_or_create_study(session, header.study_instance_uid)
+    study_id = get_or_create_study(session, header.study_instance_uid, **_study_values(header))
     series_id = get_or_create_series(
         session,
         study_id,
         header.series_instance_uid,
-        modality=header.modality,
-        body_part_examined=header.body_part_examined,
-        series_description=header.series_description,
-        image_type=header.image_type,
+        **_series_values(header),
         calling_ae=calling_ae,
         called_ae=called_ae,
     )
     size = len(encoded) if isinstance(encoded, bytes) else sum(len(c) for c in encoded)
     inserted = insert_ignore(
-        session,
-        Instance,
-        {
-            "series_id": series_id,
-            "sop_instance_uid": header.sop_instance_uid,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "instance_number": header.instance_number,
-            "path": relpath.as_posix(),
-            "size": size,
-            "received_at": utcnow(),
-        },
-        conflict_columns=["sop_instance_uid"],
+        session, Instance, _instance_values(header, series_id, relpath, size), conflict_columns=["sop_instance_uid"]
     )
     if inserted:
-        session.execute(
-            update(Series)
-            .where(Series.id == series_id)
-            .values(num_instances=Series.num_instances + 1, last_received_at=utcnow())
-        )
+        _count_instance(session, series_id)
     return inserted
+
+
+def index_result_object(session: Session, header: InstanceHeader, relpath: Path, size: int) -> None:
+    """Index a SEG or SR the node wrote, so that QIDO-RS finds it in its source study.
+
+    The object gets an Instance row under its own Series row (the SEG/SR series), which hangs
+    under the Study row of the source study (created from the header if it is missing). A new
+    series is created in state ``produced``, which the watcher never claims, so a result is never
+    routed to a model. Rerunning a job rewrites the same SOP Instance UID at ``relpath``: the row
+    is then updated in place (path, size, transfer syntax, pixel attributes), never duplicated.
+    The caller owns the transaction, as with every query helper.
+
+    Parameters
+    ----------
+    session
+        The caller's session; nothing is committed here.
+    header
+        The written object's header, e.g. ``InstanceHeader.from_dataset(ds, sop_class_uid=
+        ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax_uid=
+        ds.file_meta.TransferSyntaxUID)``.
+    relpath
+        Where the file lies, relative to the data folder (``results/<job>/<kind>-<uid>.dcm``).
+    size
+        The file's size in bytes.
+    """
+    study_id = get_or_create_study(session, header.study_instance_uid, **_study_values(header))
+    series_id = get_or_create_series(
+        session,
+        study_id,
+        header.series_instance_uid,
+        **_series_values(header),
+        state=SeriesState.produced.value,
+        completed_at=utcnow(),
+        routing_note="written by this node",
+    )
+    values = _instance_values(header, series_id, relpath, size)
+    if insert_ignore(session, Instance, values, conflict_columns=["sop_instance_uid"]):
+        _count_instance(session, series_id)
+        return
+    # A rerun replaced the file: the existing row follows it.
+    replaced = {key: values[key] for key in ("sop_class_uid", "transfer_syntax_uid", "path", "size", "received_at")}
+    replaced.update({key: values[key] for key in _PIXEL_KEYS})
+    session.execute(update(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid).values(**replaced))
+
+
+def _study_values(header: InstanceHeader) -> dict[str, Any]:
+    """Columns of a new Study row: the first instance of a study describes it."""
+    return {
+        "patient_name": header.patient_name,
+        "patient_id": header.patient_id,
+        "patient_birth_date": header.patient_birth_date,
+        "patient_sex": header.patient_sex,
+        "study_date": header.study_date,
+        "study_time": header.study_time,
+        "accession_number": header.accession_number,
+        "study_description": header.study_description,
+        "referring_physician_name": header.referring_physician_name,
+        "study_id_value": header.study_id,
+    }
+
+
+def _series_values(header: InstanceHeader) -> dict[str, Any]:
+    """Columns of a new Series row, from the first instance of the series."""
+    return {
+        "modality": header.modality,
+        "body_part_examined": header.body_part_examined,
+        "series_description": header.series_description,
+        "image_type": header.image_type,
+        "series_number": header.series_number,
+        "series_date": header.series_date,
+        "series_time": header.series_time,
+        "performed_procedure_step_start_date": header.performed_procedure_step_start_date,
+    }
+
+
+def _instance_values(header: InstanceHeader, series_id: int, relpath: Path, size: int) -> dict[str, Any]:
+    return {
+        "series_id": series_id,
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "path": relpath.as_posix(),
+        "size": size,
+        "received_at": utcnow(),
+        **{key: getattr(header, key) for key in _PIXEL_KEYS},
+    }
+
+
+def _count_instance(session: Session, series_id: int) -> None:
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id)
+        .values(num_instances=Series.num_instances + 1, last_received_at=utcnow())
+    )

@@ -17,6 +17,7 @@ from infergate.config import Settings
 
 RUN_MODEL = "infergate.run_model"
 EXPORT_RESULTS = "infergate.export_results"
+RETRIEVE_STUDY = "infergate.retrieve_study"
 
 GPU_QUEUE = "gpu"
 DISPATCH_QUEUE = "dispatch"
@@ -34,6 +35,12 @@ class ExportResults(BaseModel):
     job_id: int = Field(ge=1)
 
 
+class RetrieveStudy(BaseModel):
+    """Payload of :data:`RETRIEVE_STUDY`."""
+
+    retrieval_id: int = Field(ge=1)
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``; the worker adds its tasks to it."""
     app = Celery("infergate", broker=settings.celery_broker_url, set_as_current=False)
@@ -43,7 +50,11 @@ def make_celery(settings: Settings) -> Celery:
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
         "task_default_queue": DISPATCH_QUEUE,
-        "task_routes": {RUN_MODEL: {"queue": GPU_QUEUE}, EXPORT_RESULTS: {"queue": DISPATCH_QUEUE}},
+        "task_routes": {
+            RUN_MODEL: {"queue": GPU_QUEUE},
+            EXPORT_RESULTS: {"queue": DISPATCH_QUEUE},
+            RETRIEVE_STUDY: {"queue": DISPATCH_QUEUE},
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
@@ -81,6 +92,8 @@ class JobSender(Protocol):
 
     def send_export(self, job_id: int, countdown: float | None = None) -> None: ...
 
+    def send_retrieve(self, retrieval_id: int, countdown: float | None = None) -> None: ...
+
 
 class JobQueue:
     """Sends work to the workers by task name (so the service never imports worker code)."""
@@ -93,3 +106,8 @@ class JobQueue:
 
     def send_export(self, job_id: int, countdown: float | None = None) -> None:
         self.app.send_task(EXPORT_RESULTS, kwargs=ExportResults(job_id=job_id).model_dump(), countdown=countdown)
+
+    def send_retrieve(self, retrieval_id: int, countdown: float | None = None) -> None:
+        self.app.send_task(
+            RETRIEVE_STUDY, kwargs=RetrieveStudy(retrieval_id=retrieval_id).model_dump(), countdown=countdown
+        )

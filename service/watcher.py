@@ -62,7 +62,12 @@ class Watcher:
         now = time.monotonic()
         if now - self._last_reconcile >= self.settings.reconcile_interval_seconds:
             self._last_reconcile = now
-            reconcile(self.factory, self.queue, requeue_after=timedelta(seconds=self.settings.requeue_after_seconds))
+            reconcile(
+                self.factory,
+                self.queue,
+                requeue_after=timedelta(seconds=self.settings.requeue_after_seconds),
+                retrieval_lease=timedelta(seconds=self.settings.job_lease_seconds),
+            )
         return routed
 
     def run(self, stop: threading.Event) -> None:

@@ -12,3 +12,6 @@ from infergate.jobs import make_celery
 settings = get_settings()
 app = make_celery(settings)
 app.conf.include = ["workers.tasks"]
+# In the worker, Celery owns logging (its format names the pool process; reconfiguring the root
+# logger from a task would silence Celery's own task lines).
+app.conf.worker_hijack_root_logger = True

@@ -11,12 +11,12 @@ from typing import Any
 
 from celery import Task
 
-from infergate.jobs import EXPORT_RESULTS, RUN_MODEL, ExportResults, JobQueue, RunModel
-from infergate.logs import setup_logging
+from infergate.jobs import EXPORT_RESULTS, RETRIEVE_STUDY, RUN_MODEL, ExportResults, JobQueue, RetrieveStudy, RunModel
 from infergate.store.session import make_engine, make_session_factory
 from workers.celery_app import app, settings
 from workers.export import export_job
 from workers.pipeline import JobOutcome, WorkerContext, followup_jobs, run_job
+from workers.retrieval import run_retrieval
 from workers.runtime import OnnxRunner
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ class PipelineTask(Task):  # type: ignore[misc]
     @property
     def ctx(self) -> WorkerContext:
         if PipelineTask._ctx is None:
-            setup_logging(settings, "worker")
             PipelineTask._ctx = WorkerContext(
                 settings=settings,
                 factory=make_session_factory(make_engine(settings)),
@@ -39,7 +38,8 @@ class PipelineTask(Task):  # type: ignore[misc]
         return PipelineTask._ctx
 
     @property
-    def queue(self) -> JobQueue:
+    def job_queue(self) -> JobQueue:
+        # not "queue": Celery reads Task.queue as the name of the queue to route the task to
         return JobQueue(self.app)
 
 
@@ -49,11 +49,11 @@ def run_model(self: PipelineTask, **kwargs: Any) -> str:
     outcome, delay = run_job(self.ctx, payload.job_id)
     if outcome in (JobOutcome.exporting, JobOutcome.done):
         for job_id in followup_jobs(self.ctx, payload.job_id):
-            self.queue.send_run(job_id)
+            self.job_queue.send_run(job_id)
     if outcome is JobOutcome.exporting:
-        self.queue.send_export(payload.job_id)
+        self.job_queue.send_export(payload.job_id)
     elif outcome is JobOutcome.retry:
-        self.queue.send_run(payload.job_id, countdown=delay)
+        self.job_queue.send_run(payload.job_id, countdown=delay)
     return outcome.value
 
 
@@ -62,6 +62,18 @@ def export_results(self: PipelineTask, **kwargs: Any) -> str:
     payload = ExportResults.model_validate(kwargs)
     delay = export_job(self.ctx, payload.job_id)
     if delay is not None:
-        self.queue.send_export(payload.job_id, countdown=max(delay, 0.1))
+        self.job_queue.send_export(payload.job_id, countdown=max(delay, 0.1))
         return f"retry in {delay:.1f} s"
     return "settled"
+
+
+@app.task(name=RETRIEVE_STUDY, bind=True, base=PipelineTask)
+def retrieve_study(self: PipelineTask, **kwargs: Any) -> str:
+    payload = RetrieveStudy.model_validate(kwargs)
+    job_ids, delay = run_retrieval(self.ctx, payload.retrieval_id)
+    for job_id in job_ids:
+        self.job_queue.send_run(job_id)
+    if delay is not None:
+        self.job_queue.send_retrieve(payload.retrieval_id, countdown=delay)
+        return f"retry in {delay:.1f} s"
+    return f"jobs {job_ids}"

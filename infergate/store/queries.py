@@ -8,18 +8,21 @@ associations storing into the same new series never fail each other.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, inspect, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, func, inspect, literal, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, contains_eager, selectinload
 
+from infergate.dicomweb.qido import INTEGER_VRS, Criterion, Level, has_wildcard, wildcard_to_glob, wildcard_to_like
 from infergate.store.tables import (
     Base,
     Export,
     ExportState,
     Finding,
+    Instance,
     Job,
     JobState,
     ResultObject,
@@ -45,9 +48,13 @@ def insert_ignore(session: Session, table: type[Base], values: dict[str, Any], c
     return session.execute(stmt).first() is not None
 
 
-def get_or_create_study(session: Session, study_instance_uid: str) -> int:
+def get_or_create_study(session: Session, study_instance_uid: str, **attributes: Any) -> int:
+    """The study's id; a new study takes its attributes from the first instance received."""
     insert_ignore(
-        session, Study, {"study_instance_uid": study_instance_uid, "created_at": utcnow()}, ["study_instance_uid"]
+        session,
+        Study,
+        {"study_instance_uid": study_instance_uid, "created_at": utcnow(), **attributes},
+        ["study_instance_uid"],
     )
     study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
     assert study_id is not None
@@ -254,3 +261,121 @@ def top_findings(session: Session, series_id: int) -> dict[str, str]:
         if model_id not in best or probability > best[model_id][0]:
             best[model_id] = (probability, name)
     return {model_id: name for model_id, (_, name) in best.items()}
+
+
+# QIDO-RS searches (PS3.18 10.6) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyCounts:
+    """What a study answer computes over its series (PS3.18 Table 10.6.3-3)."""
+
+    modalities: tuple[str, ...]
+    num_series: int
+    num_instances: int
+
+
+_LEVEL_TABLES: dict[Level, type[Base]] = {Level.study: Study, Level.series: Series, Level.instance: Instance}
+
+
+def _string_match(dialect: str, column: Any, value: str, *, fold_case: bool) -> ColumnElement[bool]:
+    """Single value or wildcard matching of one string (PS3.4 C.2.2.2.1, C.2.2.2.4).
+
+    PN matches case-insensitively (``lower`` on both sides, so both use the database's idea of
+    case); other VRs case-sensitively, which SQLite's LIKE is not, hence GLOB there.
+    """
+    if fold_case:
+        if has_wildcard(value):
+            return func.lower(column).like(func.lower(literal(wildcard_to_like(value))), escape="\\")
+        return func.lower(column) == func.lower(literal(value))
+    if not has_wildcard(value):
+        return column == value
+    if dialect == "sqlite":
+        return column.op("GLOB")(wildcard_to_glob(value))
+    return column.like(wildcard_to_like(value), escape="\\")
+
+
+def _match(dialect: str, column: Any, criterion: Criterion) -> ColumnElement[bool]:
+    if criterion.is_range:
+        # Bytewise order ("C" collation on PostgreSQL) is the order of DA/TM text.
+        text = column.collate("C") if dialect == "postgresql" else column
+        bounds = [text >= criterion.low] if criterion.low is not None else []
+        bounds += [text <= criterion.high] if criterion.high is not None else []
+        return and_(true(), *bounds)
+    if criterion.attribute.vr in INTEGER_VRS:
+        return column.in_([int(v) for v in criterion.values])
+    fold_case = criterion.attribute.vr == "PN"
+    return or_(*(_string_match(dialect, column, v, fold_case=fold_case) for v in criterion.values))
+
+
+def _condition(dialect: str, criterion: Criterion) -> ColumnElement[bool]:
+    attribute = criterion.attribute
+    if attribute.keyword == "ModalitiesInStudy":
+        # A study matches when any of its series does; an alias keeps the subquery from
+        # correlating with the Series of a series- or instance-level search.
+        other = aliased(Series)
+        return exists().where(other.study_id == Study.id, _match(dialect, other.modality, criterion))
+    assert attribute.column is not None
+    column: InstrumentedAttribute[Any] = getattr(_LEVEL_TABLES[attribute.level], attribute.column)
+    return _match(dialect, column, criterion)
+
+
+def _conditions(session: Session, criteria: Sequence[Criterion]) -> list[ColumnElement[bool]]:
+    dialect = session.get_bind().dialect.name
+    return [_condition(dialect, criterion) for criterion in criteria]
+
+
+def search_studies(session: Session, criteria: Sequence[Criterion], *, limit: int, offset: int) -> list[Study]:
+    """Studies matching every criterion, oldest row first (a stable order for paging, PS3.18 8.3.4.4.1)."""
+    stmt = select(Study).where(*_conditions(session, criteria)).order_by(Study.id).limit(limit).offset(offset)
+    return list(session.scalars(stmt))
+
+
+def study_counts(session: Session, study_ids: Sequence[int]) -> dict[int, StudyCounts]:
+    """Modalities and numbers of series and instances of each study, in one grouped query."""
+    rows = session.execute(
+        select(Series.study_id, Series.modality, func.count(Series.id), func.sum(Series.num_instances))
+        .where(Series.study_id.in_(study_ids))
+        .group_by(Series.study_id, Series.modality)
+    ).all()
+    modalities: dict[int, set[str]] = {study_id: set() for study_id in study_ids}
+    series: dict[int, int] = dict.fromkeys(study_ids, 0)
+    instances: dict[int, int] = dict.fromkeys(study_ids, 0)
+    for study_id, modality, num_series, num_instances in rows:
+        if modality:
+            modalities[study_id].add(modality)
+        series[study_id] += num_series
+        instances[study_id] += int(num_instances or 0)
+    return {
+        study_id: StudyCounts(tuple(sorted(modalities[study_id])), series[study_id], instances[study_id])
+        for study_id in study_ids
+    }
+
+
+def search_series(session: Session, criteria: Sequence[Criterion], *, limit: int, offset: int) -> list[Series]:
+    """Series matching every criterion (series or study keys), each with its study loaded."""
+    stmt = (
+        select(Series)
+        .join(Study, Series.study_id == Study.id)
+        .options(contains_eager(Series.study))
+        .where(*_conditions(session, criteria))
+        .order_by(Series.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(stmt))
+
+
+def search_instances(session: Session, criteria: Sequence[Criterion], *, limit: int, offset: int) -> list[Instance]:
+    """Instances matching every criterion (instance, series or study keys), with series and study loaded."""
+    stmt = (
+        select(Instance)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .options(contains_eager(Instance.series).contains_eager(Series.study))
+        .where(*_conditions(session, criteria))
+        .order_by(Instance.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(stmt))

@@ -271,3 +271,31 @@ class Export(Base):
     updated_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, onupdate=utcnow)
 
     result_object: Mapped[ResultObject] = relationship(back_populates="exports")
+
+
+class RetrievalState(enum.StrEnum):
+    """``queued -> running -> done | failed``."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class Retrieval(Base):
+    """A study to pull from a configured source (C-MOVE or C-GET), then run models on."""
+
+    __tablename__ = "retrievals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(String(32))
+    model_id: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[RetrievalState] = mapped_column(_enum(RetrievalState), default=RetrievalState.queued, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    job_ids: Mapped[str | None] = mapped_column(Text, doc="Comma-separated ids of the jobs it created.")
+    created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS)

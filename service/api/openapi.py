@@ -29,6 +29,9 @@ class _NoQueue:
     def send_export(self, job_id: int, countdown: float | None = None) -> None:
         raise RuntimeError("no queue while exporting the OpenAPI document")
 
+    def send_retrieve(self, retrieval_id: int, countdown: float | None = None) -> None:
+        raise RuntimeError("no queue while exporting the OpenAPI document")
+
 
 def render() -> str:
     return json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"

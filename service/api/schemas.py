@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from infergate.store.tables import ExportState, JobState
+from infergate.store.tables import ExportState, JobState, RetrievalState
 
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx answer: a message for a person, never patient data."""
+
+    detail: str
+
+
+#: Documented on every router, so clients (and schemathesis) know the error answers.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorOut, "description": "Invalid request"},
+    404: {"model": ErrorOut, "description": "Not held by the node"},
+    409: {"model": ErrorOut, "description": "Conflicts with the current state"},
+}
 
 
 class Health(BaseModel):
@@ -83,6 +97,34 @@ class JobRequest(BaseModel):
     study_instance_uid: str = Field(pattern=UID_PATTERN, max_length=64)
     series_instance_uid: str | None = Field(None, pattern=UID_PATTERN, max_length=64)
     model_id: str | None = Field(None, max_length=64)
+    source: str | None = Field(
+        None,
+        max_length=32,
+        description="Pull the study from this configured source (INFERGATE_SOURCES) first; answered with 202.",
+    )
+
+
+class RetrievalOut(_Out):
+    """A study being pulled from a source; its jobs appear in ``job_ids`` once it is retrieved."""
+
+    id: int
+    study_instance_uid: str
+    source: str
+    model_id: str | None
+    state: RetrievalState
+    attempts: int
+    instances: int | None
+    error: str | None
+    job_ids: list[int]
+    created_at: datetime
+    finished_at: datetime | None
+
+    @field_validator("job_ids", mode="before")
+    @classmethod
+    def _ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(part) for part in value.split(",") if part]
+        return [] if value is None else value
 
 
 class JobList(BaseModel):

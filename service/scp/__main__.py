@@ -6,11 +6,11 @@ import argparse
 import logging
 
 from infergate.config import get_settings
+from infergate.dicom.receive import StoreContext
 from infergate.jobs import JobQueue, make_celery
 from infergate.logs import setup_logging
 from service.runtime import session_factory, stop_event_on_signals
 from service.scp.ae import start_server
-from service.scp.handlers import StoreContext
 from service.watcher import Watcher
 
 log = logging.getLogger("service.scp")

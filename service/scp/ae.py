@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from infergate.config import Settings
 from infergate.dicom.net import NODELAY_HANDLER, quiet_identifiers
-from service.scp.handlers import StoreContext, handle_echo, handle_store
+from infergate.dicom.receive import StoreContext, handle_echo, handle_store
 
 VERIFICATION = "1.2.840.10008.1.1"
 

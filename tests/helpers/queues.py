@@ -9,12 +9,16 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.runs: list[int] = []
         self.exports: list[int] = []
+        self.retrievals: list[int] = []
 
     def send_run(self, job_id: int, countdown: float | None = None) -> None:
         self.runs.append(job_id)
 
     def send_export(self, job_id: int, countdown: float | None = None) -> None:
         self.exports.append(job_id)
+
+    def send_retrieve(self, retrieval_id: int, countdown: float | None = None) -> None:
+        self.retrievals.append(retrieval_id)
 
 
 class BrokerDown(RecordingQueue):
@@ -24,4 +28,7 @@ class BrokerDown(RecordingQueue):
         raise ConnectionRefusedError(111, "Connection refused")
 
     def send_export(self, job_id: int, countdown: float | None = None) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def send_retrieve(self, retrieval_id: int, countdown: float | None = None) -> None:
         raise ConnectionRefusedError(111, "Connection refused")

@@ -46,6 +46,7 @@ def test_every_shipped_model_runs_through_the_node(tmp_path: Path) -> None:
             api_port=api_port,
             series_quiet_seconds=3,
             pacs=f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
+            requeue_after_seconds=600,  # follow-up jobs and exports must be sent by the tasks themselves
         )
         node = NodeProcess(["up"], env, tmp_path / "up.log").start()
         try:

@@ -71,7 +71,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str, redi
             pacs=f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
             job_lease_seconds=20,
             reconcile_interval_seconds=2,
-            requeue_after_seconds=30,
+            requeue_after_seconds=600,  # follow-up work must be sent by the tasks, not the reconciler
             **extra,
         )
         scp = NodeProcess(["scp"], env, tmp_path / "scp.log").start()

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from infergate.dicom.uids import is_valid_uid
-import logging
-from datetime import datetime
-
-from infergate import submission
-from infergate.errors import InvalidInput, NotFound
+from infergate import retrieval, submission
+from infergate.errors import NotFound
 from infergate.jobs import JobSender
 from infergate.store import queries
-from infergate.store.tables import Job, JobState
-from service.api.deps import CatalogDep, QueueDep, SessionDep
+from infergate.store.tables import Job, JobState, Retrieval
+from service.api.deps import CatalogDep, QueueDep, SessionDep, SettingsDep
 from service.api.schemas import (
+    ERROR_RESPONSES,
+    UID_PATTERN,
     ExportOut,
     FindingOut,
     JobDetail,
@@ -25,9 +25,10 @@ from service.api.schemas import (
     JobSummary,
     MeasurementOut,
     ResultObjectOut,
+    RetrievalOut,
 )
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 log = logging.getLogger(__name__)
 
 
@@ -70,18 +71,14 @@ def list_jobs(
     session: SessionDep,
     state: JobState | None = None,
     model_id: Annotated[str | None, Query(max_length=64)] = None,
-    study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
+    study_instance_uid: Annotated[str | None, Query(max_length=64, pattern=UID_PATTERN)] = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobList:
-    """Jobs, newest first, filtered by state, model, study and creation time (ISO 8601)."""
-    if study_instance_uid is not None and not is_valid_uid(study_instance_uid):
-        raise InvalidInput('Argument "study_instance_uid" is not a valid UID.')
-    for name, value in (("created_after", created_after), ("created_before", created_before)):
-        if value is not None and value.tzinfo is None:
-            raise InvalidInput(f'Argument "{name}" needs a time zone, e.g. 2026-01-31T12:00:00Z.')
+    """Jobs, newest first, filtered by state, model, study and creation time (ISO 8601; UTC if no zone)."""
+    created_after, created_before = _utc(created_after), _utc(created_before)
     jobs = queries.list_jobs(
         session,
         state=state,
@@ -104,9 +101,38 @@ def get_job(job_id: int, session: SessionDep) -> JobDetail:
     return detail(job)
 
 
-@router.post("", response_model=JobList, status_code=201)
-def submit_jobs(request: JobRequest, session: SessionDep, catalog: CatalogDep, queue: QueueDep) -> JobList:
-    """Run a model (or what the routing rules choose) on a study, or one series of it, that the node holds."""
+@router.post(
+    "",
+    response_model=JobList | RetrievalOut,
+    status_code=201,
+    responses={202: {"model": RetrievalOut, "description": "The study is being pulled from the source"}},
+)
+def submit_jobs(
+    request: JobRequest,
+    response: Response,
+    session: SessionDep,
+    catalog: CatalogDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+) -> JobList | RetrievalOut:
+    """Run a model (or what the routing rules choose) on a study the node holds, or first pull it from a source."""
+    if request.source is not None:
+        if request.model_id is not None and request.model_id not in catalog.packages:
+            raise NotFound(f"Model {request.model_id!r} is not installed.")
+        with session.begin():
+            retrieval_id = retrieval.create(
+                session,
+                settings,
+                study_instance_uid=request.study_instance_uid,
+                source=request.source,
+                model_id=request.model_id,
+            )
+        try:
+            queue.send_retrieve(retrieval_id)
+        except Exception as exc:  # noqa: BLE001 - the reconciler re-sends what stays queued
+            log.warning("could not enqueue retrieval %d (%s)", retrieval_id, type(exc).__name__)
+        response.status_code = 202
+        return RetrievalOut.model_validate(session.get(Retrieval, retrieval_id))
     with session.begin():
         job_ids = submission.submit(
             session,
@@ -135,6 +161,10 @@ def cancel_job(job_id: int, session: SessionDep) -> JobDetail:
     with session.begin():
         submission.cancel(session, job_id)
     return get_job(job_id, session)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _send(queue: JobSender, job_ids: list[int]) -> None:

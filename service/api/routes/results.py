@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from infergate.dicom.uids import is_valid_uid
-from infergate.errors import InvalidInput, NotFound
+from fastapi import APIRouter, Path
+
+from infergate.errors import NotFound
 from infergate.store import queries
 from service.api.deps import SessionDep
 from service.api.routes.jobs import detail
-from service.api.schemas import SeriesResults, StudyResults
+from service.api.schemas import ERROR_RESPONSES, UID_PATTERN, SeriesResults, StudyResults
 
-router = APIRouter(prefix="/api/v1/studies", tags=["results"])
+router = APIRouter(prefix="/api/v1/studies", tags=["results"], responses=ERROR_RESPONSES)
 
 
 @router.get("/{study_instance_uid}/results", response_model=StudyResults)
-def get_study_results(study_instance_uid: str, session: SessionDep) -> StudyResults:
+def get_study_results(
+    study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)], session: SessionDep
+) -> StudyResults:
     """Jobs, findings, measurements and SEG/SR UIDs of every series of a study."""
-    if not is_valid_uid(study_instance_uid):
-        raise InvalidInput('Argument "study_instance_uid" is not a valid UID.')
     study = queries.study_with_results(session, study_instance_uid)
     if study is None:
         raise NotFound("The node holds no study with this Study Instance UID.")

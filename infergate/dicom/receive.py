@@ -1,4 +1,4 @@
-"""pynetdicom event handlers of the SCP.
+"""Receiving instances over DICOM: the C-STORE handler of the SCP, also used for C-GET retrieves.
 
 The C-STORE handler only stores: it checks the UIDs, writes the Part 10 file, fsyncs it, commits
 its row and answers. Inference, routing and network calls happen elsewhere (pynetdicom runs one
