@@ -1,7 +1,9 @@
 """Property-based checks of the REST API against its own OpenAPI document (schemathesis).
 
-Bounded examples per operation, against the real app on a migrated SQLite database holding one
-processed study: no 5xx, and every response conforms to the documented schema.
+Bounded examples per operation, against the real app on a migrated (empty) SQLite database: no 5xx,
+every response conforms to the documented schema, and requests without the API key are refused.
+STOW-RS is left out: its body is ``multipart/related`` of DICOM files, which schemathesis cannot
+generate; tests/unit/api/test_stow_wado.py covers it, malformed bodies included.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def api_schema(make_settings: Callable[..., Settings]) -> Any:
 
 def test_api_conforms_to_its_openapi_document(api_schema: Any) -> None:
     """Each operation in turn (schemathesis' own pytest plugin does not support pytest 9's nodes)."""
-    operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) >= 5
+    operations = [
+        result.ok()
+        for result in api_schema.get_all_operations()
+        if not (result.ok().method.upper() == "POST" and result.ok().path.startswith("/dicomweb/"))
+    ]
+    assert len(operations) >= 20
     for operation in operations:
 
         @given(case=operation.as_strategy())

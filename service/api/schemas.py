@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infergate.store.tables import ExportState, JobState, RetrievalState
@@ -13,6 +15,10 @@ UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+#: A database id in a path: positive and within a 32-bit INTEGER on every backend.
+RowId = Annotated[int, Path(ge=1, le=2_147_483_647)]
 
 
 class ErrorOut(BaseModel):

@@ -26,6 +26,7 @@ from service.api.schemas import (
     MeasurementOut,
     ResultObjectOut,
     RetrievalOut,
+    RowId,
 )
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -93,7 +94,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: int, session: SessionDep) -> JobDetail:
+def get_job(job_id: RowId, session: SessionDep) -> JobDetail:
     """One job with its state, error, findings, measurements and result objects."""
     job = queries.job_with_results(session, job_id)
     if job is None:
@@ -147,7 +148,7 @@ def submit_jobs(
 
 
 @router.post("/{job_id}/retry", response_model=JobDetail)
-def retry_job(job_id: int, session: SessionDep, queue: QueueDep) -> JobDetail:
+def retry_job(job_id: RowId, session: SessionDep, queue: QueueDep) -> JobDetail:
     """Queue a done, failed or cancelled job again (409 for a job still in progress)."""
     with session.begin():
         submission.retry(session, job_id)
@@ -156,7 +157,7 @@ def retry_job(job_id: int, session: SessionDep, queue: QueueDep) -> JobDetail:
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)
-def cancel_job(job_id: int, session: SessionDep) -> JobDetail:
+def cancel_job(job_id: RowId, session: SessionDep) -> JobDetail:
     """Cancel an unfinished job (409 for a finished one); a worker running it discards its result."""
     with session.begin():
         submission.cancel(session, job_id)

@@ -7,13 +7,13 @@ from fastapi import APIRouter
 from infergate.errors import NotFound
 from infergate.store.tables import Retrieval
 from service.api.deps import SessionDep
-from service.api.schemas import ERROR_RESPONSES, RetrievalOut
+from service.api.schemas import ERROR_RESPONSES, RetrievalOut, RowId
 
 router = APIRouter(prefix="/api/v1/retrievals", tags=["jobs"], responses=ERROR_RESPONSES)
 
 
 @router.get("/{retrieval_id}", response_model=RetrievalOut)
-def get_retrieval(retrieval_id: int, session: SessionDep) -> RetrievalOut:
+def get_retrieval(retrieval_id: RowId, session: SessionDep) -> RetrievalOut:
     """State of a pull from a source, and the ids of the jobs it created."""
     row = session.get(Retrieval, retrieval_id)
     if row is None:
