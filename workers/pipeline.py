@@ -28,6 +28,7 @@ from infergate.dicom.storage import replace_file, resolve_inside, result_relpath
 from infergate.dicom.uids import derived_uid
 from infergate.dicom.volume import load_volume
 from infergate.errors import InvalidInput, ModelFailed, NotFound
+from infergate.ingest import InstanceHeader, index_result_object
 from infergate.manifest import ModelPackage
 from infergate.store import queries
 from infergate.store.tables import (
@@ -273,6 +274,7 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
             )
             session.add(existing)
             session.flush()
+        _index_result(session, ctx, item)
         for destination in destinations:
             export = session.scalar(
                 select(Export).where(Export.result_object_id == existing.id, Export.destination == destination)
@@ -284,6 +286,19 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
             else:  # a rerun replaced the object: deliver it again
                 export.state, export.next_attempt_at = ExportState.pending, None
     return JobOutcome.exporting if destinations else JobOutcome.done
+
+
+def _index_result(session: Session, ctx: WorkerContext, item: ResultFile) -> None:
+    """Index the SEG/SR as an instance of its source study, so that QIDO-RS and WADO-RS serve it."""
+    ds = item.dataset
+    header = InstanceHeader.from_dataset(
+        ds,
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+    )
+    size = resolve_inside(ctx.settings.data_path, item.relpath).stat().st_size
+    index_result_object(session, header, item.relpath, size)
 
 
 def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:

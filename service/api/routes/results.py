@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path
 
 from infergate.errors import NotFound
 from infergate.store import queries
+from infergate.store.tables import SeriesState
 from service.api.deps import SessionDep
 from service.api.routes.jobs import detail
 from service.api.schemas import ERROR_RESPONSES, UID_PATTERN, SeriesResults, StudyResults
@@ -40,5 +41,6 @@ def get_study_results(
                 jobs=[detail(job) for job in sorted(series.jobs, key=lambda j: j.id)],
             )
             for series in sorted(study.series, key=lambda s: s.id)
+            if series.state != SeriesState.produced  # the node's own SEG/SR appear under their jobs
         ],
     )

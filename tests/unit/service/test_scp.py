@@ -14,11 +14,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.config import Settings
+from infergate.dicom.receive import StoreContext
 from infergate.errors import InvalidInput
 from infergate.ingest import InstanceHeader
 from infergate.store.tables import Instance, Series
 from service.scp.ae import start_server
-from infergate.dicom.receive import StoreContext
 from tests.data.make_series import write_ct_series
 from tests.helpers.peers import free_port, run_echoscu, run_storescu
 
