@@ -54,9 +54,7 @@ def run_retrieval(ctx: WorkerContext, retrieval_id: int) -> tuple[list[int], flo
     try:
         with ctx.factory() as session, session.begin():
             job_ids = submission.submit(session, ctx.catalog(), study_instance_uid=study_uid, model_id=model_id)
-            retrieval.finish(
-                session, retrieval_id, RetrievalState.done, instances=result.completed, job_ids=job_ids
-            )
+            retrieval.finish(session, retrieval_id, RetrievalState.done, instances=result.completed, job_ids=job_ids)
     except InfergateError as exc:
         with ctx.factory() as session, session.begin():
             retrieval.finish(

@@ -118,7 +118,11 @@ def get_study(
     roles = [build_role(sop_class, scp_role=True) for sop_class in GET_STORAGE_CLASSES]
     handlers = [NODELAY_HANDLER, (evt.EVT_C_STORE, store)]
     assoc = ae.associate(
-        source.host, source.port, ae_title=source.ae_title, ext_neg=roles, evt_handlers=handlers  # type: ignore[arg-type]
+        source.host,
+        source.port,
+        ae_title=source.ae_title,
+        ext_neg=roles,
+        evt_handlers=handlers,  # type: ignore[arg-type]
     )
     if not assoc.is_established:
         return RetrieveResult(0, 0, 0, None, f"{source}: association rejected or peer unreachable")
