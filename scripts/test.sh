@@ -39,6 +39,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
 .venv/bin/python -m pip install -q -e . --group test
 
+# static checks first: they take seconds and name the line
+.venv/bin/python -m ruff check infergate service workers tests models
+.venv/bin/python -m mypy
+
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
 status=$?

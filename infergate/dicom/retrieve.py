@@ -121,7 +121,7 @@ def get_study(
         source.host,
         source.port,
         ae_title=source.ae_title,
-        ext_neg=roles,
+        ext_neg=roles,  # type: ignore[arg-type]  # pynetdicom types it as an invariant list of a union
         evt_handlers=handlers,  # type: ignore[arg-type]
     )
     if not assoc.is_established:
