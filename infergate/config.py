@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -144,6 +145,14 @@ class Source(BaseModel):
         return cls(name=name, peer=Destination.parse(rest), method=method)
 
 
+def _parse_items(value: object, parse: Callable[[str], object]) -> object:
+    """A comma-separated string or a list, with the string items parsed (``AE@host:port`` and the like)."""
+    value = _split_list(value)
+    if isinstance(value, list):
+        return [parse(item) if isinstance(item, str) else item for item in value]
+    return value
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -248,18 +257,12 @@ class Settings(BaseSettings):
     @field_validator("pacs", mode="before")
     @classmethod
     def _pacs(cls, value: object) -> object:
-        value = _split_list(value)
-        if isinstance(value, list):
-            return [Destination.parse(item) if isinstance(item, str) else item for item in value]
-        return value
+        return _parse_items(value, Destination.parse)
 
     @field_validator("sources", mode="before")
     @classmethod
     def _sources(cls, value: object) -> object:
-        value = _split_list(value)
-        if isinstance(value, list):
-            return [Source.parse(item) if isinstance(item, str) else item for item in value]
-        return value
+        return _parse_items(value, Source.parse)
 
     @field_validator("ae_title")
     @classmethod
@@ -269,10 +272,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys(cls, value: object) -> object:
-        value = _split_list(value)
-        if isinstance(value, list):
-            return [ApiKey.parse(item) if isinstance(item, str) else item for item in value]
-        return value
+        return _parse_items(value, ApiKey.parse)
 
     @field_validator("jwt_algorithms")
     @classmethod

@@ -131,12 +131,12 @@ def _segment_description(
     )
 
 
-def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
-    """The sources as a list, each a single-frame image.
+def source_list(source_datasets: Sequence[Dataset], *, single_frame: bool = False) -> list[Dataset]:
+    """The sources as a non-empty list of Datasets (shared with the SR builder).
 
-    Multi-frame sources (enhanced CT/MR) are refused rather than half supported: highdicom
-    handles one multi-frame source only with a frame of reference, and the worker builds its
-    volumes from single-frame series.
+    With ``single_frame``, multi-frame sources (enhanced CT/MR) are refused rather than half
+    supported: highdicom handles one multi-frame source only with a frame of reference, and the
+    worker builds its volumes from single-frame series.
     """
     if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
         raise TypeError('Argument "source_datasets" should be a sequence of pydicom Datasets.')
@@ -146,7 +146,7 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     for ds in sources:
         if not isinstance(ds, Dataset):
             raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
-        if int(ds.get("NumberOfFrames") or 1) > 1:
+        if single_frame and int(ds.get("NumberOfFrames") or 1) > 1:
             raise ValueError('Argument "source_datasets" should hold single-frame images only.')
     return sources
 
@@ -277,7 +277,7 @@ def build_seg(
     require_uid(sop_instance_uid, "sop_instance_uid")
     require_positive_int(series_number, "series_number")
     require_positive_int(instance_number, "instance_number")
-    sources = _check_sources(source_datasets)
+    sources = source_list(source_datasets, single_frame=True)
     segments = _segment_numbers(_as_frames(label_map, sources), manifest.labels)
 
     algorithm = algorithm_identification(manifest)

@@ -24,7 +24,13 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 import infergate
-from infergate.dicom.seg import MANUFACTURER, coded_concept, require_positive_int, segment_tracking_uid
+from infergate.dicom.seg import (
+    MANUFACTURER,
+    coded_concept,
+    require_positive_int,
+    segment_tracking_uid,
+    source_list,
+)
 from infergate.dicom.uids import derived_uid, require_uid
 from infergate.manifest import ClassLabel, ModelManifest, SegmentLabel, VolumeTotal
 
@@ -122,18 +128,6 @@ def _algorithm_id(manifest: ModelManifest) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=manifest.name, version=manifest.version, family=codes.cid7162.ArtificialIntelligence
     )
-
-
-def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
-    if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
-        raise TypeError('Argument "source_datasets" should be a sequence of pydicom Datasets.')
-    sources = list(source_datasets)
-    if not sources:
-        raise ValueError('Argument "source_datasets" should not be empty.')
-    for ds in sources:
-        if not isinstance(ds, Dataset):
-            raise TypeError(f'Items of argument "source_datasets" should be pydicom Datasets, not {type(ds).__name__}.')
-    return sources
 
 
 #: Attributes highdicom 0.28 reads unconditionally, by Modality, for the modality-specific Image
@@ -364,7 +358,7 @@ def build_sr(
     require_uid(sop_instance_uid, "sop_instance_uid")
     require_positive_int(series_number, "series_number")
     require_positive_int(instance_number, "instance_number")
-    sources = _check_sources(source_datasets)
+    sources = source_list(source_datasets)
     for argument, value in (("measurements", measurements), ("findings", findings)):
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
             raise TypeError(f'Argument "{argument}" should be a sequence.')
