@@ -182,6 +182,20 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the REST API binds.")
     api_port: int = Field(8000, description="REST API port.")
+    public_base_url: str | None = Field(
+        None,
+        description="The API's address as clients reach it (scheme://host[:port][/prefix]), used in RetrieveURL, "
+        "BulkDataURI and result links; unset: taken from each request's Host header.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated browser origins (scheme://host[:port]) allowed to call the API, e.g. a "
+        "viewer such as OHIF served elsewhere; empty sends no CORS headers.",
+    )
+    api_body_timeout_seconds: float = Field(
+        60.0, description="Longest pause while a request body arrives; a stalled upload is answered 408."
+    )
+    api_keepalive_seconds: float = Field(5.0, description="How long an idle HTTP keep-alive connection stays open.")
 
     auth_required: bool | None = Field(
         None,
@@ -244,7 +258,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of every process.")
 
-    @field_validator("allowed_calling_aes", "onnx_providers", "jwt_algorithms", mode="before")
+    @field_validator("allowed_calling_aes", "onnx_providers", "jwt_algorithms", "cors_origins", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -253,6 +267,29 @@ class Settings(BaseSettings):
     @classmethod
     def _aes(cls, value: list[str]) -> list[str]:
         return [_check_ae_title(item, "allowed_calling_aes") for item in value]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        value = [origin.rstrip("/") for origin in value]
+        for origin in value:
+            url = urlsplit(origin)
+            if url.scheme not in ("http", "https") or not url.hostname or url.path or url.query or url.fragment:
+                raise ValueError(
+                    f'Setting "cors_origins" takes origins such as https://viewer.example.org:3000; refused "{origin}" '
+                    '(no path, no "*": each origin is named).'
+                )
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = urlsplit(value.strip())
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ValueError('Setting "public_base_url" should look like https://host[:port][/prefix].')
+        return value.strip().rstrip("/")
 
     @field_validator("pacs", mode="before")
     @classmethod
@@ -287,7 +324,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _positive(self) -> Settings:
-        for name in ("series_quiet_seconds", "watcher_interval_seconds", "job_lease_seconds", "export_backoff_seconds"):
+        for name in (
+            "series_quiet_seconds",
+            "watcher_interval_seconds",
+            "job_lease_seconds",
+            "export_backoff_seconds",
+            "api_body_timeout_seconds",
+            "api_keepalive_seconds",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f'Setting "{name}" should be positive.')
         for name in ("export_max_attempts", "job_max_attempts", "worker_concurrency"):

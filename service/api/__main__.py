@@ -18,6 +18,7 @@ def main() -> int:
         port=settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        timeout_keep_alive=max(1, round(settings.api_keepalive_seconds)),
     )
     return 0
 

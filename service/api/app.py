@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -12,8 +13,9 @@ from infergate.config import Settings
 from infergate.jobs import JobQueue, JobSender, make_celery
 from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
-from service.api.auth import PROTECTED, Authenticator
+from service.api.auth import API_KEY_HEADER, PROTECTED, Authenticator
 from service.api.errors import install_error_handlers
+from service.api.limits import BodyTimeout
 from service.api.routes import (
     dicomweb_qido,
     dicomweb_stow,
@@ -49,6 +51,17 @@ def create_app(
     app.state.catalog, app.state.catalog_fingerprint = None, None
     app.state.queue = queue or JobQueue(make_celery(settings))
     install_error_handlers(app)
+    app.add_middleware(BodyTimeout, timeout_seconds=settings.api_body_timeout_seconds)
+    if settings.cors_origins:
+        # Named origins only; credentials travel in headers (Authorization, X-API-Key), never cookies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_headers=["Authorization", API_KEY_HEADER, "Accept", "Content-Type"],
+            expose_headers=["Warning", "Content-Location", "Location", "Content-Type"],
+            max_age=600,
+        )
     for module in (health, jobs, retrievals, results, models, dicomweb_qido, dicomweb_stow, dicomweb_wado):
         # /health stays open for probes; every other router needs read (GET) or submit (other methods)
         app.include_router(module.router, **({} if module is health else PROTECTED))

@@ -68,10 +68,15 @@ class ExportOut(_Out):
 
 
 class ResultObjectOut(_Out):
+    """A SEG or SR the job produced, with where to fetch it over DICOMweb (WADO-RS)."""
+
     kind: str
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
+    study_instance_uid: str
+    retrieve_url: str = Field(description="WADO-RS URL of the instance (multipart/related; application/dicom).")
+    metadata_url: str = Field(description="WADO-RS URL of its metadata (application/dicom+json).")
     exports: list[ExportOut]
 
 

@@ -133,3 +133,25 @@ def test_unknown_log_level_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERGATE_LOG_LEVEL", "CHATTY")
     with pytest.raises(ValueError, match="log_level"):
         Settings()
+
+
+def test_cors_origins_and_public_base_url_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERGATE_CORS_ORIGINS", "http://127.0.0.1:3000/, https://ohif.example.org")
+    monkeypatch.setenv("INFERGATE_PUBLIC_BASE_URL", "https://ai.example.org:8443/infergate/")
+    settings = Settings()
+    assert settings.cors_origins == ["http://127.0.0.1:3000", "https://ohif.example.org"]
+    assert settings.public_base_url == "https://ai.example.org:8443/infergate"
+
+
+@pytest.mark.parametrize("origin", ["*", "ohif.example.org", "https://ohif.example.org/viewer", "ftp://x.org"])
+def test_bad_cors_origin_refused(monkeypatch: pytest.MonkeyPatch, origin: str) -> None:
+    monkeypatch.setenv("INFERGATE_CORS_ORIGINS", origin)
+    with pytest.raises(ValueError, match="cors_origins"):
+        Settings()
+
+
+@pytest.mark.parametrize("url", ["ai.example.org", "https://ai.example.org/?x=1", "ftp://ai.example.org"])
+def test_bad_public_base_url_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("INFERGATE_PUBLIC_BASE_URL", url)
+    with pytest.raises(ValueError, match="public_base_url"):
+        Settings()

@@ -22,6 +22,7 @@ from infergate.store import queries
 from infergate.store.tables import Study
 from service.api.deps import SessionDep
 from service.api.schemas import UID_PATTERN, ErrorOut
+from service.api.urls import public_base
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
@@ -150,7 +151,7 @@ def _search(
     more = len(matches) > query.limit
     found = [_rows(level, match) for match in matches[: query.limit]]
     computed = _study_values(session, query, [study for study, _, _ in found])
-    base = str(request.base_url).rstrip("/") + router.prefix
+    base = public_base(request) + router.prefix
     body = [qido.render(query, rows, computed.get(study.id, {}), base + path) for study, rows, path in found]
     warnings = []
     if more:

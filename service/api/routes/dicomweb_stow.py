@@ -37,6 +37,7 @@ from infergate.errors import InvalidInput
 from service.api.deps import SettingsDep
 from service.api.routes.dicomweb_wado import StudyUID
 from service.api.schemas import ErrorOut
+from service.api.urls import public_url
 from service.scp.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -171,17 +172,16 @@ async def _store_instances(
 
     stored = [o for o in outcomes if o.stored]
     studies = {o.study_instance_uid for o in stored} | ({study} if study else set())
-    retrieve_url = str(request.url_for("retrieve_study", study=studies.pop())) if len(studies) == 1 else ""
+    retrieve_url = public_url(request, "retrieve_study", study=studies.pop()) if len(studies) == 1 else ""
     response = store_response(
         outcomes,
         retrieve_url=retrieve_url,
-        instance_url=lambda o: str(
-            request.url_for(
-                "retrieve_instance",
-                study=o.study_instance_uid,
-                series=o.series_instance_uid,
-                instance=o.sop_instance_uid,
-            )
+        instance_url=lambda o: public_url(
+            request,
+            "retrieve_instance",
+            study=o.study_instance_uid,
+            series=o.series_instance_uid,
+            instance=o.sop_instance_uid,
         ),
     )
     status = 200 if len(stored) == len(outcomes) else 409 if not stored else 202

@@ -42,6 +42,7 @@ from infergate.dicomweb.transcode import encode_instance
 from infergate.errors import NotFound
 from service.api.deps import SessionDep, SettingsDep
 from service.api.schemas import UID_PATTERN, ErrorOut
+from service.api.urls import public_url
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,13 @@ def _instances_response(instances: Sequence[StoredInstance], accept: str | None)
 
 
 def _instance_url(request: Request, instance: StoredInstance) -> str:
-    url = request.url_for(
+    return public_url(
+        request,
         "retrieve_instance",
         study=instance.study_instance_uid,
         series=instance.series_instance_uid,
         instance=instance.sop_instance_uid,
     )
-    return str(url)
 
 
 def _metadata_response(request: Request, instances: Sequence[StoredInstance], accept: str | None) -> Response:

@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from infergate import retrieval, submission
 from infergate.errors import NotFound
@@ -28,6 +28,7 @@ from service.api.schemas import (
     RetrievalOut,
     RowId,
 )
+from service.api.urls import public_url
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 log = logging.getLogger(__name__)
@@ -49,21 +50,28 @@ def summary(job: Job) -> JobSummary:
     )
 
 
-def detail(job: Job) -> JobDetail:
-    return JobDetail(
-        **summary(job).model_dump(),
-        findings=[FindingOut.model_validate(f) for f in job.findings],
-        measurements=[MeasurementOut.model_validate(m) for m in job.measurements],
-        result_objects=[
+def detail(request: Request, job: Job) -> JobDetail:
+    study = job.series.study.study_instance_uid
+    objects = []
+    for r in job.result_objects:
+        uids = {"study": study, "series": r.series_instance_uid, "instance": r.sop_instance_uid}
+        objects.append(
             ResultObjectOut(
                 kind=r.kind,
                 sop_class_uid=r.sop_class_uid,
                 sop_instance_uid=r.sop_instance_uid,
                 series_instance_uid=r.series_instance_uid,
+                study_instance_uid=study,
+                retrieve_url=public_url(request, "retrieve_instance", **uids),
+                metadata_url=public_url(request, "retrieve_instance_metadata", **uids),
                 exports=[ExportOut.model_validate(e) for e in r.exports],
             )
-            for r in job.result_objects
-        ],
+        )
+    return JobDetail(
+        **summary(job).model_dump(),
+        findings=[FindingOut.model_validate(f) for f in job.findings],
+        measurements=[MeasurementOut.model_validate(m) for m in job.measurements],
+        result_objects=objects,
     )
 
 
@@ -94,12 +102,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: RowId, session: SessionDep) -> JobDetail:
+def get_job(job_id: RowId, request: Request, session: SessionDep) -> JobDetail:
     """One job with its state, error, findings, measurements and result objects."""
     job = queries.job_with_results(session, job_id)
     if job is None:
         raise NotFound(f"Job {job_id} does not exist.")
-    return detail(job)
+    return detail(request, job)
 
 
 @router.post(
@@ -148,20 +156,20 @@ def submit_jobs(
 
 
 @router.post("/{job_id}/retry", response_model=JobDetail)
-def retry_job(job_id: RowId, session: SessionDep, queue: QueueDep) -> JobDetail:
+def retry_job(job_id: RowId, request: Request, session: SessionDep, queue: QueueDep) -> JobDetail:
     """Queue a done, failed or cancelled job again (409 for a job still in progress)."""
     with session.begin():
         submission.retry(session, job_id)
     _send(queue, [job_id])
-    return get_job(job_id, session)
+    return get_job(job_id, request, session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)
-def cancel_job(job_id: RowId, session: SessionDep) -> JobDetail:
+def cancel_job(job_id: RowId, request: Request, session: SessionDep) -> JobDetail:
     """Cancel an unfinished job (409 for a finished one); a worker running it discards its result."""
     with session.begin():
         submission.cancel(session, job_id)
-    return get_job(job_id, session)
+    return get_job(job_id, request, session)
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
 from infergate.errors import NotFound
 from infergate.store import queries
@@ -18,7 +18,9 @@ router = APIRouter(prefix="/api/v1/studies", tags=["results"], responses=ERROR_R
 
 @router.get("/{study_instance_uid}/results", response_model=StudyResults)
 def get_study_results(
-    study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)], session: SessionDep
+    study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
+    request: Request,
+    session: SessionDep,
 ) -> StudyResults:
     """Jobs, findings, measurements and SEG/SR UIDs of every series of a study."""
     study = queries.study_with_results(session, study_instance_uid)
@@ -38,7 +40,7 @@ def get_study_results(
                 state=series.state.value,
                 routing_note=series.routing_note,
                 num_instances=series.num_instances,
-                jobs=[detail(job) for job in sorted(series.jobs, key=lambda j: j.id)],
+                jobs=[detail(request, job) for job in sorted(series.jobs, key=lambda j: j.id)],
             )
             for series in sorted(study.series, key=lambda s: s.id)
             if series.state != SeriesState.produced  # the node's own SEG/SR appear under their jobs

@@ -164,6 +164,9 @@ def test_job_list_and_detail(client: TestClient, session_factory: sessionmaker[S
     objects = {o["kind"]: o for o in detail["result_objects"]}
     assert objects["SEG"]["sop_instance_uid"] == SEG_UID and objects["SR"]["sop_instance_uid"] == SR_UID
     assert "path" not in objects["SEG"], "storage paths stay inside the node"
+    seg_url = f"http://testserver/dicomweb/studies/{STUDY}/series/2.25.2001/instances/{SEG_UID}"
+    assert objects["SEG"]["study_instance_uid"] == STUDY
+    assert objects["SEG"]["retrieve_url"] == seg_url and objects["SEG"]["metadata_url"] == seg_url + "/metadata"
     (seg_export,) = objects["SEG"]["exports"]
     assert seg_export["destination"] == "ORTHANC@127.0.0.1:4242"
     assert seg_export["state"] == "done" and seg_export["delivered_at"] is not None
@@ -279,3 +282,41 @@ def test_models_empty_folder(
     empty.mkdir()
     with TestClient(create_app(make_settings(models_dir=empty), session_factory)) as test_client:
         assert test_client.get("/api/v1/models").json() == []
+
+
+def test_result_links_use_the_public_base_url(
+    db_settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Behind a proxy the links name the address clients reach, not the Host the proxy sent."""
+    job_id = _job_with_results(session_factory)
+    settings = db_settings.model_copy(update={"public_base_url": "https://ai.example.org:8443/infergate"})
+    with TestClient(create_app(settings, session_factory)) as client:
+        detail = client.get(f"/api/v1/jobs/{job_id}").json()
+        results = client.get(f"/api/v1/studies/{STUDY}/results").json()
+    urls = {o["kind"]: o["retrieve_url"] for o in detail["result_objects"]}
+    assert urls["SR"] == f"https://ai.example.org:8443/infergate/dicomweb/studies/{STUDY}/series/2.25.2002/instances/{SR_UID}"
+    assert results["series"][0]["jobs"][0]["result_objects"][0]["retrieve_url"].startswith("https://ai.example.org:8443/")
+
+
+def test_cors_only_for_named_origins(db_settings: Settings, session_factory: sessionmaker[Session]) -> None:
+    settings = db_settings.model_copy(update={"cors_origins": ["http://viewer.example.org:3000"]})
+    with TestClient(create_app(settings, session_factory)) as client:
+        preflight = client.options(
+            "/dicomweb/studies",
+            headers={
+                "Origin": "http://viewer.example.org:3000",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://viewer.example.org:3000"
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        response = client.get("/dicomweb/studies", headers={"Origin": "http://viewer.example.org:3000"})
+        assert response.headers["access-control-allow-origin"] == "http://viewer.example.org:3000"
+        assert "warning" in response.headers["access-control-expose-headers"].lower()
+        other = client.get("/dicomweb/studies", headers={"Origin": "http://elsewhere.example.org"})
+        assert "access-control-allow-origin" not in other.headers
+    with TestClient(create_app(db_settings, session_factory)) as client:
+        response = client.get("/dicomweb/studies", headers={"Origin": "http://viewer.example.org:3000"})
+        assert "access-control-allow-origin" not in response.headers, "no CORS unless configured"
