@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -37,6 +37,7 @@ from infergate.store.tables import (
     Finding,
     Instance,
     Job,
+    JobPreview,
     JobState,
     Measurement,
     ResultObject,
@@ -46,6 +47,7 @@ from infergate.store.tables import (
 from workers.header_features import classify_from_headers
 from workers.inference import InferenceOutput, infer
 from workers.postprocess import segment_volumes_ml
+from workers.preview import Preview, try_render_preview
 from workers.runtime import InferenceRunner
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class JobResult:
     measurements: list[SegmentMeasurement]
     findings: list[ClassificationFinding]
     totals: list[TotalVolume]
+    preview: Preview | None = None
 
 
 def load_series(settings: Settings, session: Session, series_id: int) -> list[Dataset]:
@@ -200,6 +203,8 @@ def compute(ctx: WorkerContext, job_id: int) -> JobResult:
         volume = load_volume(datasets)
         output = infer(volume, package, ctx.runner)
         result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing)
+        labels, findings = package.manifest.labels, result.findings
+        result = replace(result, preview=try_render_preview(job_id, volume, output.label_map, labels, findings))
     for item in result.files:
         replace_file(ctx.settings.data_path, item.relpath, _encode(item.dataset))
     return result
@@ -225,6 +230,9 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
         return None
     session.execute(delete(Finding).where(Finding.job_id == job_id))
     session.execute(delete(Measurement).where(Measurement.job_id == job_id))
+    session.execute(delete(JobPreview).where(JobPreview.job_id == job_id))  # a rerun without one drops the old
+    if result.preview is not None:
+        session.add(JobPreview(job_id=job_id, png=result.preview.png, slice_index=result.preview.slice_index))
     for finding in result.findings:
         code = finding.class_label.code
         session.add(

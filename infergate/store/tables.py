@@ -17,6 +17,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -251,6 +252,21 @@ class ResultObject(Base):
 
     job: Mapped[Job] = relationship(back_populates="result_objects")
     exports: Mapped[list[Export]] = relationship(back_populates="result_object", cascade="all, delete-orphan")
+
+
+class JobPreview(Base):
+    """A rendered PNG of a finished job: a key slice with its segmentation overlay or findings.
+
+    Kept in the database rather than the data folder so that a worker on another machine can hand
+    it back to the service through the one store both share. One per job; a rerun replaces it.
+    """
+
+    __tablename__ = "job_previews"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    slice_index: Mapped[int] = mapped_column(Integer, doc="0-based index into the volume, in slice order.")
+    created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
 
 
 class Export(Base):

@@ -23,6 +23,7 @@ from service.api.routes import (
     health,
     jobs,
     models,
+    previews,
     results,
     retrievals,
 )
@@ -62,7 +63,17 @@ def create_app(
             expose_headers=["Warning", "Content-Location", "Location", "Content-Type"],
             max_age=600,
         )
-    for module in (health, jobs, retrievals, results, models, dicomweb_qido, dicomweb_stow, dicomweb_wado):
+    for module in (
+        health,
+        jobs,
+        previews,
+        retrievals,
+        results,
+        models,
+        dicomweb_qido,
+        dicomweb_stow,
+        dicomweb_wado,
+    ):
         # /health stays open for probes; every other router needs read (GET) or submit (other methods)
         app.include_router(module.router, **({} if module is health else PROTECTED))
     return app

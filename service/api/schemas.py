@@ -98,6 +98,9 @@ class JobDetail(JobSummary):
     findings: list[FindingOut]
     measurements: list[MeasurementOut]
     result_objects: list[ResultObjectOut]
+    preview_url: str | None = Field(
+        description="PNG of the key slice with the result drawn on it; null until the job has one."
+    )
 
 
 class JobRequest(BaseModel):

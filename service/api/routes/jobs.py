@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from infergate import retrieval, submission
 from infergate.errors import NotFound
 from infergate.jobs import JobSender
 from infergate.store import queries
-from infergate.store.tables import Job, JobState, Retrieval
+from infergate.store.tables import Job, JobPreview, JobState, Retrieval
 from service.api.deps import CatalogDep, QueueDep, SessionDep, SettingsDep
 from service.api.schemas import (
     ERROR_RESPONSES,
@@ -50,7 +53,15 @@ def summary(job: Job) -> JobSummary:
     )
 
 
-def detail(request: Request, job: Job) -> JobDetail:
+def with_previews(session: Session, job_ids: Iterable[int]) -> set[int]:
+    """Which of ``job_ids`` have a rendered preview (one query, not one per job)."""
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    return set(session.scalars(select(JobPreview.job_id).where(JobPreview.job_id.in_(ids))))
+
+
+def detail(request: Request, job: Job, previews: set[int]) -> JobDetail:
     study = job.series.study.study_instance_uid
     objects = []
     for r in job.result_objects:
@@ -72,6 +83,7 @@ def detail(request: Request, job: Job) -> JobDetail:
         findings=[FindingOut.model_validate(f) for f in job.findings],
         measurements=[MeasurementOut.model_validate(m) for m in job.measurements],
         result_objects=objects,
+        preview_url=public_url(request, "get_job_preview", job_id=str(job.id)) if job.id in previews else None,
     )
 
 
@@ -107,7 +119,7 @@ def get_job(job_id: RowId, request: Request, session: SessionDep) -> JobDetail:
     job = queries.job_with_results(session, job_id)
     if job is None:
         raise NotFound(f"Job {job_id} does not exist.")
-    return detail(request, job)
+    return detail(request, job, with_previews(session, [job.id]))
 
 
 @router.post(

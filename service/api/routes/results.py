@@ -10,7 +10,7 @@ from infergate.errors import NotFound
 from infergate.store import queries
 from infergate.store.tables import SeriesState
 from service.api.deps import SessionDep
-from service.api.routes.jobs import detail
+from service.api.routes.jobs import detail, with_previews
 from service.api.schemas import ERROR_RESPONSES, UID_PATTERN, SeriesResults, StudyResults
 
 router = APIRouter(prefix="/api/v1/studies", tags=["results"], responses=ERROR_RESPONSES)
@@ -30,6 +30,7 @@ def get_study_results(
         for job in series.jobs:
             job.series = series  # already loaded; avoids a lazy load per job
             series.study = study
+    previews = with_previews(session, (job.id for series in study.series for job in series.jobs))
     return StudyResults(
         study_instance_uid=study.study_instance_uid,
         series=[
@@ -40,7 +41,7 @@ def get_study_results(
                 state=series.state.value,
                 routing_note=series.routing_note,
                 num_instances=series.num_instances,
-                jobs=[detail(request, job) for job in sorted(series.jobs, key=lambda j: j.id)],
+                jobs=[detail(request, job, previews) for job in sorted(series.jobs, key=lambda j: j.id)],
             )
             for series in sorted(study.series, key=lambda s: s.id)
             if series.state != SeriesState.produced  # the node's own SEG/SR appear under their jobs

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,10 +22,11 @@ from infergate.config import Settings
 from infergate.dicom.storage import resolve_inside
 from infergate.ingest import InstanceHeader, ingest_instance
 from infergate.store import queries
-from infergate.store.tables import Export, ExportState, Job, JobState, ResultObject, Series, utcnow
+from infergate.store.tables import Export, ExportState, Job, JobPreview, JobState, ResultObject, Series, utcnow
 from tests.data.make_series import write_ct_series
 from tests.helpers.dicom_validation import dciodvfy_errors
 from tests.helpers.storage_scp import StorageSCP
+from workers import preview
 from workers.export import backoff, export_job
 from workers.pipeline import JobOutcome, WorkerContext, compute, record, run_job
 from workers.runtime import OnnxRunner
@@ -93,6 +96,11 @@ def test_segmentation_job_writes_valid_seg_and_sr_and_exports_once(
         path = resolve_inside(settings.data_path, obj.path)
         assert dciodvfy_errors(path) == []
         assert dcmread(path).SOPInstanceUID == obj.sop_instance_uid
+    with session_factory() as session:
+        stored = session.get(JobPreview, job_id)
+        assert stored is not None and 0 <= stored.slice_index < 16
+    with Image.open(BytesIO(stored.png)) as image:
+        assert image.format == "PNG" and image.size == (256, 256)  # 64x64 square pixels, enlarged
 
 
 def test_rerun_replaces_results_with_the_same_uids(
@@ -111,6 +119,24 @@ def test_rerun_replaces_results_with_the_same_uids(
         assert session.scalars(select(ResultObject.sop_instance_uid)).all() == first
         job = queries.job_with_results(session, job_id)
         assert job is not None and len(job.findings) == 2 and job.attempts == 2
+        assert len(session.scalars(select(JobPreview)).all()) == 1  # replaced, not added
+        stored = session.get(JobPreview, job_id)
+        assert stored is not None and stored.slice_index == 5  # a classification shows the middle slice
+
+
+def test_a_preview_that_cannot_be_rendered_does_not_fail_the_job(
+    db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> preview.Preview:
+        raise RuntimeError("no preview today")
+
+    monkeypatch.setattr(preview, "render_preview", broken)
+    series_id = _ingest_series(db_settings, session_factory, tmp_path / "ct", slices=10)
+    job_id = _job(session_factory, series_id, "ct-bone-classifier")
+    assert run_job(_ctx(db_settings, session_factory), job_id)[0] is JobOutcome.done
+    with session_factory() as session:
+        job = queries.job_with_results(session, job_id)
+        assert job is not None and len(job.findings) == 2 and session.get(JobPreview, job_id) is None
 
 
 def test_unsuitable_series_fails_without_retry(
