@@ -27,11 +27,12 @@ A SOP Instance UID the node already holds counts as stored; the first copy is ke
 from __future__ import annotations
 
 import enum
+import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -41,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.dicom.storage import OutOfSpace
 from infergate.dicom.uids import is_valid_uid
-from infergate.dicomweb.multipart import Buffer, split_parts
+from infergate.dicomweb.multipart import Buffer, Part, split_parts
 from infergate.errors import InvalidInput
 from infergate.ingest import InstanceHeader, ingest_instance
 
@@ -103,18 +104,52 @@ def _failed(reason: FailureReason, detail: str, ds: Dataset | None = None) -> St
     return StoreOutcome(_uid_or_empty(sop_class), _uid_or_empty(sop_instance), failure=reason, detail=detail)
 
 
-def _read(content: bytes) -> Dataset:
+class _ViewReader(io.RawIOBase):
+    """A read-only file over a buffer (a slice of the spooled body's ``mmap``), without copying it.
+
+    ``BytesIO(content)`` would copy a whole part into memory before pydicom looks at its first
+    bytes; reading through this keeps a garbage part at no memory and a real one at its values.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        count = len(chunk)
+        memoryview(buffer).cast("B")[:count] = chunk
+        self._pos += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _read(content: bytes | memoryview) -> Dataset:
     """Read and fully decode a Part 10 file; every element is parsed so garbage fails here, not in a worker."""
-    ds = dcmread(BytesIO(content), force=False)
-    for _ in ds.iterall():
-        pass
+    # Not wrapped in io.BufferedReader: pydicom takes one for a named file on disk.
+    with _ViewReader(memoryview(content)) as handle:
+        ds = dcmread(handle, force=False)
+        for _ in ds.iterall():
+            pass
     return ds
 
 
 def store_part(
     factory: sessionmaker[Session],
     data_root: Path,
-    content: bytes,
+    content: bytes | memoryview,
     *,
     policy: StorePolicy,
     study_instance_uid: str | None = None,
@@ -174,7 +209,10 @@ def store_part(
 
     # The preamble is free for any content (PS3.10 7.1); zeroing it keeps a dual-format payload
     # (a TIFF or an executable, CVE-2019-11687) from being served back from this node.
-    encoded = bytes(_PREAMBLE) + content[_PREAMBLE:]
+    encoded: list[bytes | memoryview] = [
+        bytes(_PREAMBLE),
+        memoryview(content)[_PREAMBLE:],
+    ]  # written as is: no copy of the part
     try:
         ingest_instance(factory, data_root, header, encoded, calling_ae=None, called_ae=None)
     except OutOfSpace:
@@ -218,21 +256,27 @@ def store_multipart(
     parts = split_parts(body, boundary, max_parts=max_parts)
     if not parts:
         raise InvalidInput("The multipart body has no parts.")
-    outcomes = []
-    for part in parts:
-        try:
-            media = part.content_type("application/dicom")
-        except InvalidInput as exc:
-            outcomes.append(_failed(FailureReason.CANNOT_UNDERSTAND, str(exc)))
-            continue
-        if media.essence != "application/dicom":
-            outcomes.append(
-                _failed(FailureReason.CANNOT_UNDERSTAND, f"A part is {media.essence}, not application/dicom.")
-            )
-            continue
-        content = body[part.start : part.end]
-        outcomes.append(store_part(factory, data_root, content, policy=policy, study_instance_uid=study_instance_uid))
-    return outcomes
+    with memoryview(body) as view:  # type: ignore[arg-type]  # bytes, bytearray and mmap all export buffers
+        return [_store_one(factory, data_root, view, part, policy, study_instance_uid) for part in parts]
+
+
+def _store_one(
+    factory: sessionmaker[Session],
+    data_root: Path,
+    view: memoryview,
+    part: Part,
+    policy: StorePolicy,
+    study_instance_uid: str | None,
+) -> StoreOutcome:
+    """Check the part's media type, then store its content straight from ``view`` (no copy)."""
+    try:
+        media = part.content_type("application/dicom")
+    except InvalidInput as exc:
+        return _failed(FailureReason.CANNOT_UNDERSTAND, str(exc))
+    if media.essence != "application/dicom":
+        return _failed(FailureReason.CANNOT_UNDERSTAND, f"A part is {media.essence}, not application/dicom.")
+    with view[part.start : part.end] as content:
+        return store_part(factory, data_root, content, policy=policy, study_instance_uid=study_instance_uid)
 
 
 def store_response(

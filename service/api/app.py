@@ -15,7 +15,7 @@ from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
 from service.api.auth import API_KEY_HEADER, PROTECTED, Authenticator
 from service.api.errors import install_error_handlers
-from service.api.limits import BodyTimeout
+from service.api.limits import RequestLimits
 from service.api.routes import (
     dicomweb_qido,
     dicomweb_stow,
@@ -52,7 +52,11 @@ def create_app(
     app.state.catalog, app.state.catalog_fingerprint = None, None
     app.state.queue = queue or JobQueue(make_celery(settings))
     install_error_handlers(app)
-    app.add_middleware(BodyTimeout, timeout_seconds=settings.api_body_timeout_seconds)
+    app.add_middleware(
+        RequestLimits,
+        body_timeout_seconds=settings.api_body_timeout_seconds,
+        max_upload_bytes=settings.dicomweb_max_upload_bytes,
+    )
     if settings.cors_origins:
         # Named origins only; credentials travel in headers (Authorization, X-API-Key), never cookies.
         app.add_middleware(
