@@ -179,6 +179,20 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated calling AE titles allowed to associate; empty allows all."
     )
     max_pdu: int = Field(1_048_576, description="Maximum PDU size the SCP and SCU accept (bytes; 0 = unlimited).")
+    scp_require_called_ae: bool = Field(True, description="Reject associations whose called AE is not AE_TITLE.")
+    scp_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated addresses or CIDR networks allowed to associate; empty: all."
+    )
+    scp_max_associations: int = Field(64, ge=1, description="Associations served at once; more: transient reject.")
+    scp_max_associations_per_host: int = Field(16, ge=1, description="Associations per peer address at once; likewise.")
+    scp_acse_timeout_seconds: float = Field(30.0, gt=0, description="Wait for A-ASSOCIATE/A-RELEASE or TLS handshake.")
+    scp_dimse_timeout_seconds: float = Field(60.0, gt=0, description="Longest wait for a DIMSE message.")
+    scp_network_timeout_seconds: float = Field(60.0, gt=0, description="Idle association or stalled PDU: aborted.")
+    min_free_bytes: int = Field(1024**3, ge=0, description="Free-space watermark of DATA_DIR (0: off); see README.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain) of the SCP; set to require TLS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of TLS_CERT_FILE.")
+    tls_ca_file: Path | None = Field(None, description="PEM CA of the senders' client certificates; needed with TLS.")
+    audit_log: str | None = Field(None, description="Audit file, syslog://host:port or syslog:///dev/log.")
 
     api_host: str = Field("127.0.0.1", description="Address the REST API binds.")
     api_port: int = Field(8000, description="REST API port.")
@@ -248,6 +262,13 @@ class Settings(BaseSettings):
         15.0, description="How often queued jobs without a live message are re-sent."
     )
     requeue_after_seconds: float = Field(60.0, description="A job queued this long without starting is re-sent.")
+    broker_visibility_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Redis broker: a message a worker took but never acknowledged goes back to the queue after this "
+        "long; default JOB_LEASE_SECONDS + 60. Shorter is safe (the SQL lease keeps a redelivered job from running "
+        "twice) but redelivers the messages of longer jobs needlessly.",
+    )
 
     onnx_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["auto"],
@@ -258,10 +279,45 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of every process.")
 
-    @field_validator("allowed_calling_aes", "onnx_providers", "jwt_algorithms", "cors_origins", mode="before")
+    @field_validator(
+        "allowed_calling_aes", "onnx_providers", "jwt_algorithms", "cors_origins", "scp_allowed_networks", mode="before"
+    )
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("scp_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f'Setting "scp_allowed_networks" takes addresses or CIDR networks; not "{item}".'
+                ) from None
+        return value
+
+    @field_validator("audit_log")
+    @classmethod
+    def _audit_log(cls, value: str | None) -> str | None:
+        if value and value.startswith("syslog:") and not (urlsplit(value).hostname or urlsplit(value).path):
+            raise ValueError('Setting "audit_log" should be a file, syslog://host:port or syslog:///path/to/socket.')
+        return value or None
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        """DICOM TLS is mutual (BCP 195, PS3.15 B.9): a certificate needs its key, and a CA for the senders."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None) or (self.tls_ca_file and not self.tls_cert_file):
+            raise ValueError(
+                "DICOM TLS needs INFERGATE_TLS_CERT_FILE, INFERGATE_TLS_KEY_FILE and INFERGATE_TLS_CA_FILE together."
+            )
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError(
+                "DICOM TLS is configured without client certificates: set INFERGATE_TLS_CA_FILE to the CA that signs "
+                "the senders' certificates. Without it any host could send studies, so the SCP refuses to start."
+            )
+        return self
 
     @field_validator("allowed_calling_aes")
     @classmethod

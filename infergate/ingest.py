@@ -1,7 +1,8 @@
 """Storing one received instance: shared by the DICOM SCP and (later) STOW-RS.
 
 The order is what makes an acknowledgement safe: the file is fsync'd, then its row is committed,
-and only then does the caller answer Success. A repeated SOP Instance UID keeps the first copy.
+and only then does the caller answer Success. A repeated SOP Instance UID keeps the first copy; a
+repeated copy that differs (other bytes, or another series) is recorded as a conflict.
 
 The rows also carry the attributes QIDO-RS searches (PS3.18 10.6), taken from the first instance
 of each study and series; :func:`index_result_object` indexes the node's own SEG/SR the same way,
@@ -11,6 +12,7 @@ so that what the node holds, inputs and results, is searchable.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -23,9 +25,25 @@ from pydicom.multival import MultiValue
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from infergate.dicom.storage import check_uid, instance_relpath, resolve_inside, store_new_file
+from infergate.dicom.storage import (
+    FileData,
+    check_uid,
+    discard_file,
+    folder_lock,
+    instance_relpath,
+    resolve_inside,
+    store_new_file,
+)
 from infergate.store.queries import get_or_create_series, get_or_create_study, insert_ignore
-from infergate.store.tables import Instance, Series, SeriesState, utcnow
+from infergate.store.tables import (
+    ConflictKind,
+    Instance,
+    InstanceConflict,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,54 +205,186 @@ def ingest_instance(
     factory: sessionmaker[Session],
     data_root: Path,
     header: InstanceHeader,
-    encoded: bytes | list[bytes],
+    encoded: FileData,
     *,
     calling_ae: str | None,
     called_ae: str | None,
 ) -> IngestOutcome:
     """Durably store one Part 10 file and index it.
 
+    When this returns, the file is fsync'd under its final name, its folder is fsync'd and its row
+    is committed, in that order; only then may the caller answer Success. Stores into one series
+    folder hold that folder's lock (across threads and processes) from the check for an existing
+    row to the commit, so two copies of one SOP Instance UID never race: the first is kept.
+
     Parameters
     ----------
     encoded:
-        The complete Part 10 file (preamble, meta, dataset), possibly in chunks.
+        The complete Part 10 file (preamble, meta, dataset), possibly in parts.
 
     Returns
     -------
     IngestOutcome
-        ``duplicate`` when the SOP Instance UID is already stored (the first copy is kept).
+        ``duplicate`` when the SOP Instance UID is already stored (the first copy is kept; a copy
+        that differs from it is recorded as an :class:`~infergate.store.tables.InstanceConflict`).
 
     Raises
     ------
     infergate.dicom.storage.OutOfSpace, sqlalchemy.exc.OperationalError
         Storage or database unavailable; nothing was indexed and no file of ours is left behind.
     """
-    with factory() as session:
-        exists = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid))
-    if exists is not None:
-        return IngestOutcome.duplicate
-
     relpath = instance_relpath(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-    written = store_new_file(data_root, relpath, encoded)
-    if not written:
-        # A file without a row was never acknowledged (crash between fsync and commit, or a
-        # concurrent store of the same UID): keep it and let the insert decide who was first.
-        log.info("instance file existed without a row; indexing the existing copy")
+    with factory() as session:
+        first = _first_copy(session, header.sop_instance_uid)
+    if first is None:
+        with folder_lock(data_root, relpath.parent):
+            with factory() as session:
+                first = _first_copy(session, header.sop_instance_uid)  # a concurrent store may have won
+            if first is None:
+                return _store_first_copy(
+                    factory, data_root, header, relpath, encoded, calling_ae=calling_ae, called_ae=called_ae
+                )
+    return _repeated_copy(factory, data_root, first, header, relpath, encoded, calling_ae=calling_ae)
+
+
+@dataclass(frozen=True)
+class _FirstCopy:
+    instance_id: int
+    path: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def _first_copy(session: Session, sop_instance_uid: str) -> _FirstCopy | None:
+    row = session.execute(
+        select(Instance.id, Instance.path, Study.study_instance_uid, Series.series_instance_uid)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return None if row is None else _FirstCopy(row[0], row[1], row[2], row[3])
+
+
+def _store_first_copy(
+    factory: sessionmaker[Session],
+    data_root: Path,
+    header: InstanceHeader,
+    relpath: Path,
+    encoded: FileData,
+    *,
+    calling_ae: str | None,
+    called_ae: str | None,
+) -> IngestOutcome:
+    """File, then row; the caller holds the series folder's lock and found no row."""
+    if not store_new_file(data_root, relpath, encoded):
+        # A complete file without a row: written before a crash and never acknowledged (nothing
+        # else writes here without this lock). The sender's copy replaces it.
+        log.info("an instance file without a row was left by an earlier crash; replacing it")
+        discard_file(data_root, relpath)
+        if not store_new_file(data_root, relpath, encoded):
+            raise RuntimeError("An instance file reappeared while its series folder was locked.")
     try:
         with factory() as session, session.begin():
             inserted = _index(session, header, relpath, encoded, calling_ae=calling_ae, called_ae=called_ae)
     except BaseException:
-        if written:
-            resolve_inside(data_root, relpath).unlink(missing_ok=True)
+        # Nothing was acknowledged: no file without a row. Should the commit have reached the
+        # database after all, the sender's retry finds the row and restores the file.
+        discard_file(data_root, relpath)
         raise
     return IngestOutcome.stored if inserted else IngestOutcome.duplicate
+
+
+def _repeated_copy(
+    factory: sessionmaker[Session],
+    data_root: Path,
+    first: _FirstCopy,
+    header: InstanceHeader,
+    relpath: Path,
+    encoded: FileData,
+    *,
+    calling_ae: str | None,
+) -> IngestOutcome:
+    """A SOP Instance UID that is already indexed: keep the first copy, record a differing one."""
+    size, digest = _size_and_digest(encoded)
+    same_place = (first.study_instance_uid, first.series_instance_uid) == (
+        header.study_instance_uid,
+        header.series_instance_uid,
+    )
+    if same_place and first.path == relpath.as_posix() and not resolve_inside(data_root, relpath).exists():
+        return _restore_missing_file(factory, data_root, first, relpath, encoded, size)
+    if not same_place:
+        kind = ConflictKind.series
+    elif _file_digest(resolve_inside(data_root, first.path), size) == digest:
+        return IngestOutcome.duplicate
+    else:
+        kind = ConflictKind.content
+    with factory() as session, session.begin():
+        conflict = InstanceConflict(
+            instance_id=first.instance_id,
+            kind=kind,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            size=size,
+            sha256=digest,
+            calling_ae=calling_ae,
+            received_at=utcnow(),
+        )
+        session.add(conflict)
+        session.flush()
+        conflict_id = conflict.id
+    log.warning(
+        "repeated SOP Instance UID differs from the first copy (%s): first copy kept as instance %d, conflict %d",
+        kind.value,
+        first.instance_id,
+        conflict_id,
+    )
+    return IngestOutcome.duplicate
+
+
+def _restore_missing_file(
+    factory: sessionmaker[Session], data_root: Path, first: _FirstCopy, relpath: Path, encoded: FileData, size: int
+) -> IngestOutcome:
+    """The row exists but its file does not: a commit that failed on the client side reached the
+    database after the file was discarded. The sender's retry brings the file back."""
+    with folder_lock(data_root, relpath.parent):
+        if not store_new_file(data_root, relpath, encoded):
+            return IngestOutcome.duplicate  # a concurrent retry restored it
+        with factory() as session, session.begin():
+            session.execute(update(Instance).where(Instance.id == first.instance_id).values(size=size))
+    log.warning("instance %d had a row but no file; restored from the sender's retry", first.instance_id)
+    return IngestOutcome.stored
+
+
+def _size_and_digest(encoded: FileData) -> tuple[int, str]:
+    sha = hashlib.sha256()
+    size = 0
+    for chunk in [encoded] if isinstance(encoded, bytes) else encoded:
+        view = memoryview(chunk)
+        sha.update(view)
+        size += view.nbytes
+    return size, sha.hexdigest()
+
+
+def _file_digest(path: Path, expected_size: int) -> str | None:
+    """SHA-256 of a stored file; None if it is missing or its size already differs."""
+    try:
+        if path.stat().st_size != expected_size:
+            return None
+        sha = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+    except FileNotFoundError:
+        return None
+    return sha.hexdigest()
 
 
 def _index(
     session: Session,
     header: InstanceHeader,
     relpath: Path,
-    encoded: bytes | list[bytes],
+    encoded: FileData,
     *,
     calling_ae: str | None,
     called_ae: str | None,
@@ -248,7 +398,7 @@ def _index(
         calling_ae=calling_ae,
         called_ae=called_ae,
     )
-    size = len(encoded) if isinstance(encoded, bytes) else sum(len(c) for c in encoded)
+    size = len(encoded) if isinstance(encoded, bytes) else sum(memoryview(c).nbytes for c in encoded)
     inserted = insert_ignore(
         session, Instance, _instance_values(header, series_id, relpath, size), conflict_columns=["sop_instance_uid"]
     )

@@ -59,7 +59,15 @@ def make_celery(settings: Settings) -> Celery:
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A worker keeps reconnecting however long the broker is down (Celery gives up after 100
+        # tries by default, some 45 minutes, and the worker then exits).
+        "broker_connection_max_retries": None,
+        # A task running when the broker connection drops goes on to the end: its result is
+        # recorded in SQL, and a duplicate delivery of its message only finds the job settled.
+        # (Cancelling it, as Celery 6 will by default, would throw the work away and leave the
+        # job to wait for its lease to expire, since a broker restarted without persistence
+        # forgets the message.)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_transport_options": {},
     }
     if settings.celery_broker_url.startswith("filesystem"):
@@ -78,11 +86,31 @@ def make_celery(settings: Settings) -> Celery:
             "polling_interval": 0.05,
         }
     elif settings.celery_broker_url.startswith("redis"):
-        # Messages of a worker that died unacked come back after this long; the reconciler's lease
-        # usually re-sends sooner.
-        conf["broker_transport_options"] = {"visibility_timeout": int(settings.job_lease_seconds) + 60}
+        conf["broker_transport_options"] = redis_transport_options(settings)
     app.conf.update(conf)
     return app
+
+
+def redis_transport_options(settings: Settings) -> dict[str, object]:
+    """Kombu's Redis transport options for ``settings``.
+
+    A message a worker took but never acknowledged (the worker died) goes back to its queue after
+    the visibility timeout; the reconciler usually re-sends the job sooner, once its SQL lease has
+    expired. Kombu looks for such messages every ``unacked_restore_interval`` seconds times
+    ``unacked_restore_throttle`` (100 s by default), so the sweep is tied to the timeout here.
+    The socket timeouts keep a publish (the watcher's, the API's) from waiting forever on a broker
+    that vanished without closing its connections; the send then fails, and the job waits in SQL.
+    """
+    visibility = settings.broker_visibility_timeout_seconds
+    if visibility is None:
+        visibility = settings.job_lease_seconds + 60
+    return {
+        "visibility_timeout": max(1, round(visibility)),
+        "unacked_restore_interval": max(1, min(60, round(visibility / 4))),
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+    }
 
 
 class JobSender(Protocol):

@@ -23,13 +23,35 @@ from infergate.reconcile import reconcile
 log = logging.getLogger(__name__)
 
 
+class _RememberingSender:
+    """The queue, remembering the jobs whose send failed so that they go out once the broker is back."""
+
+    def __init__(self, queue: JobSender) -> None:
+        self.queue = queue
+        self.unsent: set[int] = set()
+
+    def send_run(self, job_id: int, countdown: float | None = None) -> None:
+        try:
+            self.queue.send_run(job_id, countdown)
+        except Exception:
+            self.unsent.add(job_id)
+            raise
+        self.unsent.discard(job_id)
+
+    def send_export(self, job_id: int, countdown: float | None = None) -> None:
+        self.queue.send_export(job_id, countdown)
+
+    def send_retrieve(self, retrieval_id: int, countdown: float | None = None) -> None:
+        self.queue.send_retrieve(retrieval_id, countdown)
+
+
 class Watcher:
     """Series completion and reconciliation on a timer."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session], queue: JobSender) -> None:
         self.settings = settings
         self.factory = factory
-        self.queue = queue
+        self.queue = _RememberingSender(queue)
         self._fingerprint = fingerprint(settings)
         self.catalog: Catalog = load_catalog(settings)
         self._last_reconcile = 0.0
@@ -60,14 +82,18 @@ class Watcher:
             packages=self.catalog.packages,
         )
         now = time.monotonic()
-        if now - self._last_reconcile >= self.settings.reconcile_interval_seconds:
+        # While sends fail (the broker is down) every tick tries again, so that the jobs waiting in
+        # SQL go out within a tick of the broker's return rather than a reconcile period later.
+        if self.queue.unsent or now - self._last_reconcile >= self.settings.reconcile_interval_seconds:
             self._last_reconcile = now
-            reconcile(
+            report = reconcile(
                 self.factory,
                 self.queue,
                 requeue_after=timedelta(seconds=self.settings.requeue_after_seconds),
                 retrieval_lease=timedelta(seconds=self.settings.job_lease_seconds),
+                unsent=sorted(self.queue.unsent),
             )
+            self.queue.unsent = set(report.unsent)
         return routed
 
     def run(self, stop: threading.Event) -> None:

@@ -6,6 +6,7 @@ down); each test that needs PostgreSQL gets a fresh database, dropped afterwards
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,10 +20,35 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate.config import Settings
 from infergate.store.migrate import upgrade
 from infergate.store.session import make_engine, make_session_factory
+from tests.helpers.phi_watch import WATCH
 
 PG_ADMIN_DSN = os.environ.get("INFERGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("INFERGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Watch the node's logs for the test data's patient values during the whole run (row 26)."""
+    logging.getLogger().addHandler(WATCH)
+    if logging.getLogger().level > logging.INFO:
+        # Records below the root's level never reach a handler: let the node's INFO lines through
+        # to the watch (the node logs at INFO by default; DEBUG is checked in node processes by
+        # tests/reliability/test_phi_in_logs.py, which would be costly here: pynetdicom logs every PDU).
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a canary reached a log of the node, saying where."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    roots = [Path(factory.getbasetemp())] if factory is not None else []
+    WATCH.scan_files(roots)
+    if WATCH.hits:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"patient data in the node's logs ({len(WATCH.hits)} lines):"]
+        lines += [f"  {hit.where}: {hit.text}" for hit in WATCH.hits[:50]]
+        if reporter is not None:
+            reporter.write_line("\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

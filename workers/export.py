@@ -2,17 +2,18 @@
 
 One ``exports`` row per (object, destination) holds attempts, the last status and the next attempt
 time, so retries survive restarts and are visible over REST. Permanent refusals (a failure status
-other than out-of-resources) are not retried; transient ones (peer down, association rejected,
-0xA7xx) are, up to ``export_max_attempts``.
+other than out-of-resources, an association rejected-permanent, no accepted presentation context)
+are not retried; transient ones (peer down, association rejected-transient or aborted, 0xA7xx) are,
+up to ``export_max_attempts``. A failed export is sent again only when asked to
+(``POST /api/v1/jobs/{id}/export``, :mod:`infergate.redrive`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
 from infergate.config import Destination, Settings
@@ -61,38 +62,71 @@ def _settle(session: Session, job_id: int) -> float | None:
     return None
 
 
-def export_job(ctx: WorkerContext, job_id: int) -> float | None:
-    """Send the job's due exports; returns the delay before the next try, or None when settled."""
+def _due(job_id: int, now: datetime) -> ColumnElement[bool]:
+    return and_(
+        ResultObject.job_id == job_id,
+        Export.state == ExportState.pending,
+        or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
+    )
+
+
+def _send_due(ctx: WorkerContext, job_id: int, destination: str) -> bool:
+    """Send the job's due exports to one destination; False if another runner holds them.
+
+    The rows are locked (``FOR UPDATE SKIP LOCKED``) from before the C-STORE until their outcome is
+    committed, so two messages for the same job (a countdown and the reconciler's, a redelivery) never
+    send one object twice at once. A runner that dies mid-send releases the lock with its
+    connection; the rows stay pending and the reconciler sends the job again. SQLite has no row
+    locks and ignores ``FOR UPDATE``; there a second runner may send in parallel, which the PACS
+    absorbs (same SOP Instance UID).
+    """
     settings = ctx.settings
-    now = utcnow()
+    with ctx.factory() as session, session.begin():
+        rows = session.execute(
+            select(Export.id, ResultObject.path)
+            .join(ResultObject)
+            .where(_due(job_id, utcnow()), Export.destination == destination)
+            .order_by(Export.id)
+            .with_for_update(of=Export, skip_locked=True)
+        ).all()
+        if not rows:
+            return False
+        paths = [resolve_inside(settings.data_path, path) for _, path in rows]
+        results = send_files(
+            Destination.parse(destination), paths, calling_ae=settings.ae_title, max_pdu=settings.max_pdu
+        )
+        now = utcnow()
+        for (export_id, _), result in zip(rows, results, strict=True):
+            export = session.get(Export, export_id)
+            assert export is not None
+            _apply(settings, export, result, now)
+        sent = sum(result.ok for result in results)
+        log.info(
+            "job %d: export to %s: %d of %d delivered%s",
+            job_id,
+            destination,
+            sent,
+            len(results),
+            "" if sent == len(results) else f" ({next(r.error for r in results if not r.ok)})",
+        )
+    return True
+
+
+def export_job(ctx: WorkerContext, job_id: int) -> float | None:
+    """Send the job's due exports; returns the delay before the next try, or None when settled.
+
+    None is also returned when every due export is being sent by another runner right now: that
+    runner settles the job and schedules the next try.
+    """
     with ctx.factory() as session:
         job = session.get(Job, job_id)
         if job is None or job.state != JobState.exporting:
             return None
-        rows = session.execute(
-            select(Export.id, Export.destination, Export.next_attempt_at, ResultObject.path)
-            .join(ResultObject)
-            .where(ResultObject.job_id == job_id, Export.state == ExportState.pending)
+        destinations = session.scalars(
+            select(Export.destination).join(ResultObject).where(_due(job_id, utcnow())).distinct()
         ).all()
-    by_destination: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for export_id, destination, next_at, path in rows:
-        if next_at is None or next_at <= now:
-            by_destination[destination].append((export_id, path))
-    for destination, items in by_destination.items():
-        paths = [resolve_inside(settings.data_path, path) for _, path in items]
-        results = send_files(
-            Destination.parse(destination), paths, calling_ae=settings.ae_title, max_pdu=settings.max_pdu
-        )
-        with ctx.factory() as session, session.begin():
-            for (export_id, _), result in zip(items, results, strict=True):
-                export = session.get(Export, export_id)
-                assert export is not None
-                _apply(settings, export, result, utcnow())
-                log.info(
-                    "job %d: export to %s %s",
-                    job_id,
-                    destination,
-                    "done" if result.ok else f"not done ({result.error})",
-                )
+    held_elsewhere = [destination for destination in destinations if not _send_due(ctx, job_id, destination)]
+    if destinations and len(held_elsewhere) == len(destinations):
+        return None
     with ctx.factory() as session, session.begin():
         return _settle(session, job_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from io import BytesIO
@@ -17,6 +18,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.catalog import Catalog, fingerprint, load_catalog
@@ -309,6 +311,38 @@ def _index_result(session: Session, ctx: WorkerContext, item: ResultFile) -> Non
     index_result_object(session, header, item.relpath, size)
 
 
+class LeaseKeeper:
+    """Renews the SQL lease of a running attempt every third of the lease, while it computes.
+
+    A job may then run longer than its lease without the reconciler handing it to another worker
+    (which would run it a second time and throw this attempt's result away), while the lease can
+    stay short, so that the job of a worker that died comes back soon: a dead worker renews nothing.
+    """
+
+    def __init__(self, ctx: WorkerContext, job_id: int, attempt: int) -> None:
+        self.ctx, self.job_id, self.attempt = ctx, job_id, attempt
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        lease = timedelta(seconds=self.ctx.settings.job_lease_seconds)
+        while not self._stop.wait(lease.total_seconds() / 3):
+            try:
+                with self.ctx.factory() as session, session.begin():
+                    if not queries.renew_lease(session, self.job_id, self.attempt, lease):
+                        return  # cancelled or taken over: record() finds out and keeps nothing
+            except SQLAlchemyError as exc:  # the database is unreachable for now: the next tick retries
+                log.warning("job %d: lease not renewed (%s)", self.job_id, type(exc).__name__)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
     """Run one job if it can be claimed.
 
@@ -320,18 +354,26 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
     settings = ctx.settings
     with ctx.factory() as session, session.begin():
         if not queries.claim_job(session, job_id, timedelta(seconds=settings.job_lease_seconds)):
+            # a duplicate message: the job is settled, or running under another worker's lease
+            log.info("job %d: not claimable, message dropped", job_id)
             return JobOutcome.skipped, None
         job = session.get(Job, job_id)
         assert job is not None
         attempt, model_id = job.attempts, job.model_id
         if attempt > settings.job_max_attempts:
-            queries.set_job_state(
-                session, job_id, JobState.failed, job.error or f"gave up after {settings.job_max_attempts} attempts"
+            # Every attempt ended without an outcome: its worker died (a model that crashes the
+            # process, the OOM killer) or it outlived its lease. Redelivering would loop forever.
+            message = (
+                f"gave up after {settings.job_max_attempts} attempts: each ended without a result "
+                "(the worker running it died or lost its lease)"
             )
+            log.warning("job %d failed: %s", job_id, message)
+            queries.set_job_state(session, job_id, JobState.failed, message)
             return JobOutcome.failed, None
     log.info("job %d: running %s (attempt %d)", job_id, model_id, attempt)
     try:
-        result = compute(ctx, job_id)
+        with LeaseKeeper(ctx, job_id, attempt):
+            result = compute(ctx, job_id)
     except (InvalidInput, ModelFailed, NotFound) as exc:
         log.warning("job %d failed: %s", job_id, exc)
         with ctx.factory() as session, session.begin():

@@ -1,8 +1,11 @@
 """C-STORE SCU: sends result objects to a PACS.
 
-Failures are split the way retry logic needs them: a refused association or a network error is
-transient (try again later with backoff); a failure status from the peer (0xA7xx out of resources
-excepted) is permanent for that object, so the node does not hammer a PACS that said no.
+Failures are split the way retry logic needs them. Transient (try again later with backoff): the
+peer is unreachable, the association is aborted or times out, it is rejected as *rejected-transient*
+(PS3.8 9.3.4, e.g. the peer is busy), or the peer answers 0xA7xx (out of resources). Permanent (the
+node does not hammer a PACS that said no): any other failure status (0xA9xx, 0xCxxx, ...), an
+association rejected as *rejected-permanent* (e.g. our AE title is unknown to the peer), and a peer
+that accepts none of the object's presentation contexts.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from infergate.config import Destination
 from infergate.dicom.net import NODELAY_HANDLER
@@ -28,6 +34,9 @@ class StoreResult:
     path: Path
     status: int | None
     error: str | None
+    #: Refused without a DIMSE status in a way that trying again will not change (an A-ASSOCIATE-RJ
+    #: "rejected-permanent", or no accepted presentation context for the object).
+    refused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -37,7 +46,24 @@ class StoreResult:
     @property
     def transient(self) -> bool:
         """True when trying again later may help."""
+        if self.refused:
+            return False
         return self.status is None or (self.status & 0xFF00) == 0xA700
+
+
+def _not_established(destination: Destination, assoc: Association) -> tuple[str, bool]:
+    """Why an association was not established, and whether that is permanent."""
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        if rj is not None and rj.result in (0x01, 0x02):
+            kind = "permanent" if rj.result == 0x01 else "transient"
+            detail = f"result {rj.result}, source {rj.result_source}, reason {rj.diagnostic}: {rj.reason_str}"
+            return f"{destination}: association rejected-{kind} ({detail})", rj.result == 0x01
+        return f"{destination}: association rejected", False
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        # pynetdicom aborts an association in which the peer accepted no presentation context
+        return f"{destination}: the peer accepts none of the proposed SOP classes and transfer syntaxes", True
+    return f"{destination}: association aborted or peer unreachable", False
 
 
 def send_files(
@@ -48,14 +74,37 @@ def send_files(
     max_pdu: int = 0,
     timeout: float = 30.0,
 ) -> list[StoreResult]:
-    """Send Part 10 files in one association, proposing each file's SOP class and transfer syntax."""
-    datasets = [dcmread(path) for path in paths]
+    """Send Part 10 files in one association, proposing each file's SOP class and transfer syntax.
+
+    Returns one result per path, in order. A file that cannot be read is refused (trying again will
+    not help) without holding up the others.
+    """
+    outcome: dict[int, StoreResult] = {}
+    datasets: list[tuple[int, Path, Dataset]] = []
+    for index, path in enumerate(paths):
+        try:
+            datasets.append((index, path, dcmread(path)))
+        except (OSError, InvalidDicomError) as exc:
+            outcome[index] = StoreResult(path, None, f"cannot read the result file ({type(exc).__name__})", True)
+    if datasets:
+        for index, result in zip(
+            [index for index, _, _ in datasets],
+            _send(destination, [(path, ds) for _, path, ds in datasets], calling_ae, max_pdu, timeout),
+            strict=True,
+        ):
+            outcome[index] = result
+    return [outcome[index] for index in range(len(paths))]
+
+
+def _send(
+    destination: Destination, items: list[tuple[Path, Dataset]], calling_ae: str, max_pdu: int, timeout: float
+) -> list[StoreResult]:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 10.0)
     ae.maximum_pdu_size = max_pdu
     proposed: set[tuple[str, str]] = set()
-    for ds in datasets:
+    for _, ds in items:
         syntax = ds.file_meta.TransferSyntaxUID
         key = (ds.SOPClassUID, syntax)
         if key not in proposed:
@@ -66,14 +115,18 @@ def send_files(
         destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=[NODELAY_HANDLER]
     )
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
-        return [StoreResult(path, None, f"{destination}: {reason}") for path in paths]
+        reason, refused = _not_established(destination, assoc)
+        return [StoreResult(path, None, reason, refused) for path, _ in items]
     results: list[StoreResult] = []
     try:
-        for path, ds in zip(paths, datasets, strict=True):
+        for path, ds in items:
             try:
                 response = assoc.send_c_store(ds)
-            except (RuntimeError, ValueError) as exc:
+            except ValueError as exc:
+                # no accepted presentation context for this object, or it cannot be encoded: permanent
+                results.append(StoreResult(path, None, f"{destination}: {exc}", refused=True))
+                continue
+            except RuntimeError as exc:  # the association went away: transient
                 results.append(StoreResult(path, None, f"{destination}: {exc}"))
                 continue
             status = int(response.Status) if "Status" in response else None

@@ -8,8 +8,9 @@ part of the C-STORE request: its SOP Class/Instance UIDs must agree with the dat
 Failure reasons (PS3.18 Table I.2-2; one code per instance, the most specific that applies):
 
 ======  ==========================================================================================
-0xC000  Error: cannot understand. Not a Part 10 file, undecodable, a missing or malformed UID, or a
-        part that is not ``application/dicom``.
+0xC000  Error: cannot understand. Not a Part 10 file, undecodable (a dataset that is not whole
+        elements to its last byte, a deflated one that inflates too far: the SCP's checks), a
+        missing or malformed UID, or a part that is not ``application/dicom``.
 0xC122  Referenced Transfer Syntax not supported: a syntax the node's SCP does not accept either.
 0x0122  Referenced SOP Class not supported: a SOP Class the node's SCP does not accept either.
 0xA900  Error: data set does not match SOP Class. The dataset's SOP Class/Instance UIDs differ from
@@ -37,9 +38,13 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate.dicom.receive import check_encoding, inflate_dataset
 from infergate.dicom.storage import OutOfSpace
 from infergate.dicom.uids import is_valid_uid
 from infergate.dicomweb.multipart import Buffer, Part, split_parts
@@ -136,8 +141,30 @@ class _ViewReader(io.RawIOBase):
         return self._pos
 
 
+def _after_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 0x0002
+
+
+def _check_dataset_encoding(view: memoryview) -> None:
+    """The dataset after the File Meta Information is whole elements to its last byte, and a deflated
+    one inflates within bounds (:func:`~infergate.dicom.receive.check_encoding`, as the SCP checks):
+    pydicom reads a dataset cut short without complaint, and inflates a deflated one whole."""
+    with _ViewReader(view) as handle:
+        read_preamble(handle, False)  # type: ignore[arg-type]  # raises InvalidDicomError without "DICM"
+        meta = read_dataset(handle, False, True, stop_when=_after_meta)  # type: ignore[arg-type]
+        start = handle.tell()
+    syntax = UID(str(meta.get("TransferSyntaxUID", "") or ""))
+    if not syntax.is_transfer_syntax:
+        return  # refused by the policy check; pydicom reads it as explicit VR, inflating nothing
+    if syntax.is_deflated:
+        check_encoding(inflate_dataset(view[start:]), implicit_vr=False, little_endian=True)
+    else:
+        check_encoding(view[start:], implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
+
+
 def _read(content: bytes | memoryview) -> Dataset:
     """Read and fully decode a Part 10 file; every element is parsed so garbage fails here, not in a worker."""
+    _check_dataset_encoding(memoryview(content))
     # Not wrapped in io.BufferedReader: pydicom takes one for a named file on disk.
     with _ViewReader(memoryview(content)) as handle:
         ds = dcmread(handle, force=False)
@@ -178,6 +205,8 @@ def store_part(
         ds = _read(content)
     except InvalidDicomError:
         return _failed(FailureReason.CANNOT_UNDERSTAND, "The part is not a DICOM Part 10 file.")
+    except InvalidInput as exc:
+        return _failed(FailureReason.CANNOT_UNDERSTAND, str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoding error of hostile input is "cannot understand"
         return _failed(FailureReason.CANNOT_UNDERSTAND, f"The dataset could not be decoded ({type(exc).__name__}).")
 

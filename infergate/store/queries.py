@@ -7,7 +7,7 @@ associations storing into the same new series never fail each other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -147,6 +147,16 @@ def claim_job(session: Session, job_id: int, lease: timedelta) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def renew_lease(session: Session, job_id: int, attempt: int, lease: timedelta) -> bool:
+    """Extend the lease of attempt ``attempt`` of a running job; False if that attempt no longer holds it."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.running, Job.attempts == attempt)
+        .values(lease_until=utcnow() + lease)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def set_job_state(
     session: Session, job_id: int, state: JobState, error: str | None = None, *, only_from: JobState | None = None
 ) -> bool:
@@ -174,6 +184,13 @@ def jobs_to_resend(session: Session, queued_before: datetime, now: datetime) -> 
     stale_queued = select(Job.id).where(Job.state == JobState.queued, Job.queued_at < queued_before)
     expired = select(Job.id).where(Job.state == JobState.running, Job.lease_until < now)
     return list(session.scalars(stale_queued)), list(session.scalars(expired))
+
+
+def queued_jobs(session: Session, job_ids: Collection[int]) -> list[int]:
+    """Those of ``job_ids`` that are still queued."""
+    if not job_ids:
+        return []
+    return list(session.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), Job.state == JobState.queued)))
 
 
 def exports_overdue(session: Session, before: datetime) -> list[int]:

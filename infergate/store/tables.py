@@ -315,3 +315,31 @@ class Retrieval(Base):
     created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(_TS)
+
+
+class ConflictKind(enum.StrEnum):
+    """How a repeated SOP Instance UID differed from the stored first copy."""
+
+    content = "content"  # same study and series, different bytes (or another transfer syntax)
+    series = "series"  # the UID arrived in another series or study
+
+
+class InstanceConflict(Base):
+    """A repeated SOP Instance UID whose copy differed from the first copy, which was kept.
+
+    The sender was answered Success (it has nothing to fix) and the differing copy was not stored;
+    this row lets a person find the reuse of a UID. It holds UIDs and a digest, no patient data.
+    """
+
+    __tablename__ = "instance_conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True, doc="The first copy, kept.")
+    kind: Mapped[ConflictKind] = mapped_column(_enum(ConflictKind))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), doc="As the repeated copy gave it.")
+    series_instance_uid: Mapped[str] = mapped_column(String(64), doc="As the repeated copy gave it.")
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger, doc="Size of the repeated copy's Part 10 file.")
+    sha256: Mapped[str] = mapped_column(String(64), doc="Digest of the repeated copy's Part 10 file.")
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)

@@ -20,6 +20,7 @@ from service.api.routes import (
     dicomweb_qido,
     dicomweb_stow,
     dicomweb_wado,
+    exports,
     health,
     jobs,
     models,
@@ -70,6 +71,7 @@ def create_app(
     for module in (
         health,
         jobs,
+        exports,
         previews,
         retrievals,
         results,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from infergate import audit
+from infergate.audit import Auditor
 from infergate.config import get_settings
 from infergate.dicom.receive import StoreContext
 from infergate.jobs import JobQueue, make_celery
 from infergate.logs import setup_logging
 from service.runtime import session_factory, stop_event_on_signals
-from service.scp.ae import start_server
+from service.scp.ae import free_bytes, start_server
 from service.watcher import Watcher
 
 log = logging.getLogger("service.scp")
@@ -25,9 +28,29 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_event_on_signals()
     factory = session_factory(settings)
     settings.instances_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        auditor = Auditor.from_settings(settings, process="scp")
+    except (OSError, ValueError) as exc:  # no audit trail, no service
+        log.error("INFERGATE_AUDIT_LOG cannot be opened (%s)", type(exc).__name__)
+        sys.stderr.write(f"infergate scp: INFERGATE_AUDIT_LOG cannot be opened ({exc})\n")
+        return 2
+    try:
+        server = start_server(settings, StoreContext(factory=factory, data_root=settings.data_path), auditor)
+    except ValueError as exc:  # TLS files that cannot be loaded: refuse to start, saying which setting
+        log.error("%s", exc)
+        sys.stderr.write(f"infergate scp: {exc}\n")
+        return 2
     watcher = None if args.no_watcher else Watcher(settings, factory, JobQueue(make_celery(settings)))
-    server = start_server(settings, StoreContext(factory=factory, data_root=settings.data_path))
-    log.info("DICOM SCP %s listening on %s:%d", settings.ae_title, settings.scp_host, settings.scp_port)
+    auditor.emit(audit.application_activity(node=auditor.node(), start=True))
+    log.info(
+        "DICOM SCP %s listening on %s:%d (%s)",
+        settings.ae_title,
+        settings.scp_host,
+        settings.scp_port,
+        "TLS, client certificates required" if settings.tls_cert_file else "no TLS",
+    )
+    if settings.min_free_bytes and free_bytes(settings.instances_dir) < settings.min_free_bytes:
+        log.warning("the data folder is below the free-space watermark: associations are rejected (transient)")
     thread = watcher.start_thread(stop) if watcher is not None else None
     try:
         stop.wait()
@@ -36,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         server.shutdown()
         if thread is not None:
             thread.join(timeout=10)
+        auditor.emit(audit.application_activity(node=auditor.node(), start=False))
+        auditor.close()
     return 0
 
 

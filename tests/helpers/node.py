@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.peers import wait_for_port
+from tests.helpers.phi_watch import WATCH
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -28,6 +29,7 @@ class NodeProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NodeProcess:
+        WATCH.watch_file(self.log_path)  # read for patient data when the run ends (phi_watch)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERGATE_")}
         full_env.update(self.env)
         handle = self.log_path.open("ab")

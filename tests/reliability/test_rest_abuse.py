@@ -262,7 +262,7 @@ def test_a_large_garbage_upload_streams_in_bounded_memory(api: Api) -> None:
     boundary = "b0undary"
     part = b"x" * (1024**2)
     size = 300
-    head = f'--{boundary}\r\nContent-Type: application/dicom\r\n\r\n'.encode()
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     length = len(head) + size * len(part) + len(tail)
     pid = _uvicorn_pid(api)
