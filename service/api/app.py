@@ -8,11 +8,13 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate import __version__
+from infergate.audit import Auditor
 from infergate.catalog import fingerprint
 from infergate.config import Settings
 from infergate.jobs import JobQueue, JobSender, make_celery
 from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
+from service.api.access_audit import AccessAudit
 from service.api.auth import API_KEY_HEADER, PROTECTED, Authenticator
 from service.api.errors import install_error_handlers
 from service.api.limits import RequestLimits
@@ -58,6 +60,8 @@ def create_app(
         body_timeout_seconds=settings.api_body_timeout_seconds,
         max_upload_bytes=settings.dicomweb_max_upload_bytes,
     )
+    app.state.auditor = Auditor.from_settings(settings, process="api")
+    app.add_middleware(AccessAudit, auditor=app.state.auditor)  # outside the limits: their refusals count too
     if settings.cors_origins:
         # Named origins only; credentials travel in headers (Authorization, X-API-Key), never cookies.
         app.add_middleware(

@@ -154,6 +154,15 @@ def _store(
             )
 
 
+def stored_by_study(stored: list[StoreOutcome]) -> dict[str, dict[str, int]]:
+    """{Study Instance UID: {SOP Class UID: count}} of what a request stored, for the audit trail."""
+    studies: dict[str, dict[str, int]] = {}
+    for outcome in stored:
+        classes = studies.setdefault(outcome.study_instance_uid, {})
+        classes[outcome.sop_class_uid] = classes.get(outcome.sop_class_uid, 0) + 1
+    return studies
+
+
 async def _store_instances(
     request: Request, settings: Settings, factory: sessionmaker[Session], accept: str | None, study: str | None
 ) -> Response:
@@ -171,6 +180,7 @@ async def _store_instances(
         raise HTTPException(413, str(exc)) from exc
 
     stored = [o for o in outcomes if o.stored]
+    request.state.audit_studies = stored_by_study(stored)
     studies = {o.study_instance_uid for o in stored} | ({study} if study else set())
     retrieve_url = public_url(request, "retrieve_study", study=studies.pop()) if len(studies) == 1 else ""
     response = store_response(
