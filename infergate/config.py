@@ -252,7 +252,11 @@ class Settings(BaseSettings):
         description="Comma-separated PACS to pull studies from, each NAME=AE@host:port (C-MOVE to this node) "
         "or NAME=AE@host:port/get (C-GET).",
     )
-    export_max_attempts: int = Field(8, description="C-STORE attempts per result object and destination.")
+    export_max_attempts: int = Field(
+        20,
+        description="C-STORE attempts per result object and destination (20 with the default backoff: about an hour "
+        "of PACS downtime before an export fails and waits for a re-drive).",
+    )
     export_backoff_seconds: float = Field(2.0, description="First retry delay; doubles per attempt.")
     export_backoff_max_seconds: float = Field(300.0, description="Cap on the export retry delay.")
 
@@ -276,6 +280,12 @@ class Settings(BaseSettings):
     )
     onnx_threads: int = Field(0, description="Intra-op threads per ONNX session (0 = ONNX Runtime's default).")
     worker_concurrency: int = Field(1, description="Worker processes started by `infergate worker` / `up`.")
+    max_volume_voxels: int = Field(
+        2000 * 1024 * 1024,
+        ge=1,
+        description="Largest volume a worker builds (slices x rows x columns, 4 bytes each once decoded); a "
+        "larger series fails its job before any pixel is decoded. The default fits 2000 slices of 1024 x 1024.",
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of every process.")
 

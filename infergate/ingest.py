@@ -284,8 +284,14 @@ def _store_first_copy(
         if not store_new_file(data_root, relpath, encoded):
             raise RuntimeError("An instance file reappeared while its series folder was locked.")
     try:
-        with factory() as session, session.begin():
-            inserted = _index(session, header, relpath, encoded, calling_ae=calling_ae, called_ae=called_ae)
+        import threading  # BROKEN ON PURPOSE: the commit runs after the answer
+
+        def _late_commit() -> None:
+            with factory() as session, session.begin():
+                _index(session, header, relpath, encoded, calling_ae=calling_ae, called_ae=called_ae)
+
+        threading.Thread(target=_late_commit).start()
+        inserted = True
     except BaseException:
         # Nothing was acknowledged: no file without a row. Should the commit have reached the
         # database after all, the sender's retry finds the row and restores the file.

@@ -71,7 +71,7 @@ def _due(job_id: int, now: datetime) -> ColumnElement[bool]:
 
 
 def _send_due(ctx: WorkerContext, job_id: int, destination: str) -> bool:
-    """Send the job's due exports to one destination; False if another runner holds them.
+    """Send the job's due exports to one destination; False if none was left (another runner holds or sent them).
 
     The rows are locked (``FOR UPDATE SKIP LOCKED``) from before the C-STORE until their outcome is
     committed, so two messages for the same job (a countdown and the reconciler's, a redelivery) never

@@ -202,7 +202,7 @@ def compute(ctx: WorkerContext, job_id: int) -> JobResult:
         output = InferenceOutput(label_map=None, probabilities=probabilities)
         result = make_results(job_id, series_uid, datasets, package, output, None)
     else:
-        volume = load_volume(datasets)
+        volume = load_volume(datasets, max_voxels=ctx.settings.max_volume_voxels)
         output = infer(volume, package, ctx.runner)
         result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing)
         labels, findings = package.manifest.labels, result.findings

@@ -283,7 +283,7 @@ class _Walker:
             vr = vr or _dictionary_vr(tag)
             if vr == b"SQ":
                 self.items(pos, pos + length, implicit, delimited=False, depth=depth + 1, fragments=False)
-            elif length % _NUMBER_SIZES.get(vr, 1):
+            elif vr is not None and length % _NUMBER_SIZES.get(vr, 1):
                 raise InvalidInput(f"The value of ({group:04X},{element:04X}) has a length its VR does not allow.")
             pos += length
         return pos

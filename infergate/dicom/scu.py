@@ -18,8 +18,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from infergate.config import Destination
 from infergate.dicom.net import NODELAY_HANDLER
@@ -51,14 +53,21 @@ class StoreResult:
         return self.status is None or (self.status & 0xFF00) == 0xA700
 
 
-def _not_established(destination: Destination, assoc: Association) -> tuple[str, bool]:
-    """Why an association was not established, and whether that is permanent."""
+def _not_established(
+    destination: Destination, assoc: Association, rejections: list[A_ASSOCIATE_RJ]
+) -> tuple[str, bool]:
+    """Why an association was not established, and whether that is permanent.
+
+    The A-ASSOCIATE-RJ is taken from the PDUs received rather than from ``assoc.is_rejected``: when a peer
+    rejects and closes the connection at once, pynetdicom may see the closed socket before it reads the
+    rejection and report the association as aborted.
+    """
+    if rejections:
+        rj = rejections[0]
+        kind = "permanent" if rj.result == 0x01 else "transient"
+        detail = f"result {rj.result}, source {rj.source}, reason {rj.reason_diagnostic}: {rj.reason_str}"
+        return f"{destination}: association rejected-{kind} ({detail})", rj.result == 0x01
     if assoc.is_rejected:
-        rj = assoc.acceptor.primitive
-        if rj is not None and rj.result in (0x01, 0x02):
-            kind = "permanent" if rj.result == 0x01 else "transient"
-            detail = f"result {rj.result}, source {rj.result_source}, reason {rj.diagnostic}: {rj.reason_str}"
-            return f"{destination}: association rejected-{kind} ({detail})", rj.result == 0x01
         return f"{destination}: association rejected", False
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         # pynetdicom aborts an association in which the peer accepted no presentation context
@@ -111,11 +120,20 @@ def _send(
             proposed.add(key)
             syntaxes = [syntax] + [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
             ae.add_requested_context(ds.SOPClassUID, syntaxes)
+    rejections: list[A_ASSOCIATE_RJ] = []
+
+    def on_pdu(event: Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
     assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=[NODELAY_HANDLER]
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=[NODELAY_HANDLER, (evt.EVT_PDU_RECV, on_pdu)],
     )
     if not assoc.is_established:
-        reason, refused = _not_established(destination, assoc)
+        reason, refused = _not_established(destination, assoc, rejections)
         return [StoreResult(path, None, reason, refused) for path, _ in items]
     results: list[StoreResult] = []
     try:

@@ -15,16 +15,31 @@ would give a wrong answer silently, whereas a refusal is visible in the job stat
 
 Compressed pixel data is decoded by pydicom with whichever plugins are installed (pylibjpeg for
 JPEG, JPEG-LS and JPEG 2000; pydicom's own RLE decoder).
+
+Nothing is decoded or allocated before the size is known to be honest and affordable ("pixel
+bombs"): the volume's voxels (slices x rows x columns) must not exceed ``max_voxels``; native
+Pixel Data must hold at least the bytes its header declares; a compressed frame must not be larger
+than twice its decoded size, and its codestream's own dimensions (JPEG and JPEG-LS SOF, JPEG 2000
+SIZ) and components must be the header's, because decoders allocate what the codestream declares.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import (
+    UID,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLETransferSyntaxes,
+)
 
 from infergate.errors import InvalidInput
 
@@ -40,6 +55,14 @@ DUPLICATE_POSITION_MM = 1e-3
 #: mm assumed for a projection image without Pixel Spacing or Imager Pixel Spacing, and between
 #: "slices" of a one-image volume.
 _PROJECTION_DEFAULT_SPACING = 1.0
+#: Default ``max_voxels`` (``Settings.max_volume_voxels``): 2000 slices of 1024 x 1024, more than
+#: the largest CT or MR series hospitals send; 8 GiB once decoded to float32.
+DEFAULT_MAX_VOXELS = 2000 * 1024 * 1024
+#: A compressed frame may be at most this many times its decoded size, plus this many bytes (no
+#: codec inflates real data that far); RLE, whose runs can decode 64 times larger than they are,
+#: is then bounded too.
+_COMPRESSED_FRAME_RATIO, _COMPRESSED_FRAME_SLACK = 2, 64 * 1024
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass
@@ -78,7 +101,7 @@ class Volume:
         return int(slices), int(rows), int(columns)
 
 
-def load_volume(datasets: Sequence[Dataset]) -> Volume:
+def load_volume(datasets: Sequence[Dataset], *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Sort, check and decode the instances of one series into a :class:`Volume`.
 
     Parameters
@@ -86,6 +109,8 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
     datasets : Sequence[pydicom.Dataset]
         Every instance of the series, in any order. One dataset without Image Orientation
         (Patient) and Image Position (Patient) is read as a projection radiograph.
+    max_voxels : int
+        Most voxels (slices x rows x columns) the volume may have (``Settings.max_volume_voxels``).
 
     Returns
     -------
@@ -97,8 +122,9 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
     TypeError
         ``datasets`` is not a sequence of pydicom Datasets.
     InvalidInput
-        The instances do not form one regular volume (see the module docstring), or their pixel
-        data cannot be decoded.
+        The instances do not form one regular volume (see the module docstring), their pixel data
+        disagrees with their headers or exceeds ``max_voxels`` (checked before anything is decoded
+        or allocated), or it cannot be decoded.
 
     Notes
     -----
@@ -116,19 +142,36 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
         if not isinstance(ds, Dataset):
             raise TypeError(f'Argument "datasets" item {index} should be a pydicom Dataset, not {type(ds).__name__}.')
         _check_single_frame_monochrome(ds, index)
+    if isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < 1:
+        raise ValueError(f'Argument "max_voxels" should be a positive integer, not {max_voxels!r}.')
+    _check_pixel_budget(datasets, max_voxels)
     if len(datasets) == 1 and not _has_geometry(datasets[0]):
         return _load_projection(datasets[0])
     return _load_stack(list(datasets))
 
 
+def _count(ds: Dataset, keyword: str, index: int, default: int | None = None) -> int:
+    """A positive whole-number header value (US, IS), or :class:`InvalidInput` naming it."""
+    try:
+        value = ds.get(keyword)
+        number = default if value is None or value == "" else int(value)
+    except (TypeError, ValueError, OverflowError) as exc:  # multi-valued, "abc", ...
+        raise InvalidInput(f"Image {index} has an unusable {keyword}.") from exc
+    if number is None:
+        raise InvalidInput(f"Image {index} has no {keyword}.")
+    if number < 1:
+        raise InvalidInput(f"Image {index} has {keyword} {number}; a positive number is needed.")
+    return number
+
+
 def _check_single_frame_monochrome(ds: Dataset, index: int) -> None:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _count(ds, "NumberOfFrames", index, 1)
     if frames != 1:
         raise InvalidInput(
             f"Image {index} has {frames} frames; only single-frame images are supported "
             "(enhanced multi-frame objects need per-frame geometry)."
         )
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _count(ds, "SamplesPerPixel", index, 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise InvalidInput(
@@ -136,8 +179,136 @@ def _check_single_frame_monochrome(ds: Dataset, index: int) -> None:
             "pixel; only MONOCHROME1/2 greyscale images are supported."
         )
     for keyword in ("Rows", "Columns"):
-        if ds.get(keyword) is None:
-            raise InvalidInput(f"Image {index} has no {keyword}.")
+        _count(ds, keyword, index)
+
+
+def _check_pixel_budget(datasets: Sequence[Dataset], max_voxels: int) -> None:
+    """Refuse, before any pixel is decoded or allocated, a volume larger than ``max_voxels`` and
+    pixel data that disagrees with its header (see the module docstring)."""
+    first = datasets[0]
+    rows, columns = _count(first, "Rows", 0), _count(first, "Columns", 0)
+    voxels = len(datasets) * rows * columns
+    if voxels > max_voxels:
+        raise InvalidInput(
+            f"The series declares {len(datasets)} x {rows} x {columns} = {voxels} voxels, more than the "
+            f"{max_voxels} allowed (INFERGATE_MAX_VOLUME_VOXELS); refused before decoding."
+        )
+    for index, ds in enumerate(datasets):
+        _check_pixel_data(ds, index, max_voxels)
+
+
+def _check_pixel_data(ds: Dataset, index: int, max_voxels: int) -> None:
+    """One image's pixel data against its header: sizes only, nothing decoded."""
+    rows, columns = _count(ds, "Rows", index), _count(ds, "Columns", index)
+    frames = _count(ds, "NumberOfFrames", index, 1)
+    samples = _count(ds, "SamplesPerPixel", index, 1)
+    bits = _count(ds, "BitsAllocated", index)
+    if rows * columns * frames > max_voxels:
+        raise InvalidInput(
+            f"Image {index} declares {rows} x {columns} pixels, more than the {max_voxels} voxels allowed "
+            "(INFERGATE_MAX_VOLUME_VOXELS); refused before decoding."
+        )
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        raise InvalidInput(f"Image {index} has no pixel data.")
+    value = ds[keyword].value
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidInput(f"Image {index} has unreadable pixel data.")
+    value = value if isinstance(value, bytes) else bytes(value)
+    expected = (rows * columns * frames * samples * bits + 7) // 8
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", "") if meta is not None else ""))
+    if not (keyword == "PixelData" and syntax.is_transfer_syntax and syntax.is_encapsulated):
+        # Bytes beyond the declared frames (trailing padding, which some writers add) are left
+        # unread, as pydicom leaves them; fewer than declared would be read past their end.
+        if len(value) < expected:
+            raise InvalidInput(
+                f"Image {index} declares {rows} x {columns} x {frames} frame(s) of {samples} sample(s) at {bits} "
+                f"bits ({expected} bytes) but its {keyword} holds {len(value)} bytes; refused before decoding."
+            )
+        return
+    try:
+        frame = next(generate_frames(value, number_of_frames=frames))
+    except (StopIteration, ValueError, TypeError, struct.error) as exc:
+        raise InvalidInput(f"Image {index}: its encapsulated Pixel Data holds no readable frame.") from exc
+    frame_bytes = expected // frames
+    if len(frame) > _COMPRESSED_FRAME_RATIO * frame_bytes + _COMPRESSED_FRAME_SLACK:
+        raise InvalidInput(
+            f"Image {index}: a compressed frame of {len(frame)} bytes for {frame_bytes} decoded bytes; "
+            "refused before decoding."
+        )
+    if syntax in RLETransferSyntaxes:
+        segments = int.from_bytes(frame[:4], "little") if len(frame) >= 64 else 0
+        if segments != samples * ((bits + 7) // 8):
+            raise InvalidInput(f"Image {index}: the RLE frame has {segments} segments for {samples} x {bits} bits.")
+        return
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        declared = _jpeg_frame_size(frame)
+    elif syntax in JPEG2000TransferSyntaxes:
+        declared = _j2k_image_size(frame)
+    else:
+        raise InvalidInput(f"Image {index} uses {syntax.name}, whose codestream the node cannot check; refused.")
+    if declared is None:
+        raise InvalidInput(f"Image {index}: the {syntax.name} codestream declares no image size.")
+    if declared != (rows, columns, samples):
+        raise InvalidInput(
+            f"Image {index}: the {syntax.name} codestream declares {declared[0]} x {declared[1]} pixels of "
+            f"{declared[2]} component(s) but the header {rows} x {columns} of {samples}; refused before decoding."
+        )
+
+
+#: SOFn markers of ISO/IEC 10918-1 (not DHT C4, JPG C8, DAC CC) and SOF55 of JPEG-LS (14495-1).
+_SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the frame header (SOFn/SOF55) of a JPEG or JPEG-LS
+    codestream; None when there is none before the first scan or the data ends first."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a segment
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", frame, pos + 2)
+        if marker in _SOF_MARKERS:
+            if length < 8 or pos + 10 > len(frame):
+                return None
+            height, width = struct.unpack_from(">HH", frame, pos + 5)
+            return height, width, frame[pos + 9]
+        if marker == 0xDA or length < 2:  # a scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def _j2k_image_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the SIZ marker segment of a JPEG 2000 codestream (ISO/IEC
+    15444-1 A.5.1), in a JP2 file or bare; None when there is none."""
+    pos = 0
+    if frame[4:8] == b"jP  ":  # a JP2 file: find the contiguous codestream box
+        while pos + 8 <= len(frame):
+            length, kind = struct.unpack_from(">I4s", frame, pos)
+            if kind == b"jp2c":
+                pos += 8
+                break
+            if length < 8:
+                return None
+            pos += length
+        else:
+            return None
+    if frame[pos : pos + 4] != b"\xff\x4f\xff\x51" or pos + 42 > len(frame):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", frame, pos + 8)
+    (components,) = struct.unpack_from(">H", frame, pos + 40)
+    return ysiz - yosiz, xsiz - xosiz, components
 
 
 def _has_geometry(ds: Dataset) -> bool:
@@ -164,6 +335,8 @@ def _pixels(ds: Dataset, index: int) -> np.ndarray:
         stored = ds.pixel_array
     except (AttributeError, KeyError) as exc:
         raise InvalidInput(f"Image {index} has no pixel data.") from exc
+    except MemoryError as exc:  # past the checks above, only a decoder that overallocates gets here
+        raise InvalidInput(f"Image {index}: decoding its pixel data ran out of memory.") from exc
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))

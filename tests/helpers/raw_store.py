@@ -69,7 +69,9 @@ class RawSender:
             time.sleep(0.05)
         return self.assoc
 
-    def send(self, sop_class: str, sop_instance: str, syntax: str, data: bytes, *, abstract: str | None = None) -> int | None:
+    def send(
+        self, sop_class: str, sop_instance: str, syntax: str, data: bytes, *, abstract: str | None = None
+    ) -> int | None:
         """One C-STORE-RQ with these command UIDs and ``data`` as its dataset, on the context of
         (``abstract`` or ``sop_class``, ``syntax``)."""
         assoc = self.connect()
@@ -95,7 +97,8 @@ class RawSender:
         try:
             while not assoc._is_paused:
                 time.sleep(0.0001)
-            assoc.dimse.send_msg(request, int(context.context_id))  # type: ignore[arg-type]
+            assert context.context_id is not None
+            assoc.dimse.send_msg(request, context.context_id)
             _, response = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -18,11 +19,12 @@ class StorageSCP:
     """Records received SOP Instance UIDs; ``status`` is what every C-STORE is answered with.
 
     ``received`` lists the objects answered Success, ``stores`` every C-STORE whatever the answer, and
-    ``associations`` counts the associations requested of it.
+    ``associations`` counts the associations requested of it; ``delay`` seconds pass before each answer.
     """
 
     ae_title: str = "FAKEPACS"
     status: int = 0x0000
+    delay: float = 0.0
     port: int = field(default_factory=free_port)
     received: list[str] = field(default_factory=list)
     stores: list[str] = field(default_factory=list)
@@ -32,6 +34,8 @@ class StorageSCP:
 
     def _on_store(self, event: Event) -> int:
         ds: Dataset = event.dataset
+        if self.delay:
+            time.sleep(self.delay)
         with self._lock:
             self.stores.append(str(ds.SOPInstanceUID))
             if self.status == 0x0000:

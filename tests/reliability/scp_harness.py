@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -30,7 +31,7 @@ from infergate.config import Settings
 from infergate.dicom.net import NODELAY_HANDLER
 from infergate.store.migrate import upgrade
 from infergate.store.session import make_engine
-from infergate.store.tables import Instance, InstanceConflict, Job, Series
+from infergate.store.tables import Base, Instance, Series
 from tests.helpers.node import node_env
 from tests.helpers.peers import free_port, port_is_listening
 
@@ -251,7 +252,8 @@ def stored_instances(settings: Settings) -> dict[str, StoredInstance]:
     return {uid: StoredInstance(settings.data_path / path, size, series) for uid, path, size, series in rows}
 
 
-def table_rows(settings: Settings, table: type[Series] | type[Job] | type[InstanceConflict]) -> list[dict[str, object]]:
+def table_rows(settings: Settings, table: type[Base]) -> list[dict[str, Any]]:
+    """Every row of a table, as dicts."""
     engine = make_engine(settings)
     try:
         with engine.connect() as connection:
@@ -265,13 +267,23 @@ def files_under(folder: Path) -> set[Path]:
     return {path for path in folder.rglob("*") if path.is_file()} if folder.exists() else set()
 
 
-def assert_consistent(settings: Settings, acknowledged: Mapping[str, Path], refused: Iterable[str] = ()) -> None:
+def assert_consistent(
+    settings: Settings,
+    acknowledged: Mapping[str, Path],
+    refused: Iterable[str] = (),
+    *,
+    unresolved: Iterable[str] = (),
+) -> None:
     """The store's promise after any fault.
 
     * every acknowledged instance has a row and a file whose dataset equals the source's, byte for byte,
       and whose size the row records;
     * a refused instance (never acknowledged, not re-sent) has neither;
-    * no file without a row and no row without a file: nothing partial or temporary is left.
+    * no file without a row and no row without a file among received instances (the node's own
+      SEG/SR results live elsewhere): nothing partial or temporary is left.
+
+    ``unresolved`` names refused instances whose row may exist without a file (a COMMIT that
+    reached the database although its reply was lost); the sender's retry restores their files.
     """
     rows = stored_instances(settings)
     for uid, source in acknowledged.items():
@@ -283,7 +295,8 @@ def assert_consistent(settings: Settings, acknowledged: Mapping[str, Path], refu
     for uid in refused:
         assert uid not in rows, f"refused instance {uid} has a row"
     files = files_under(settings.instances_dir)
-    indexed = {row.path for row in rows.values()}
+    received = {uid: row for uid, row in rows.items() if row.path.is_relative_to(settings.instances_dir)}
+    indexed = {row.path for uid, row in received.items() if uid not in set(unresolved)}
     assert files - indexed == set(), f"files without a row: {sorted(p.name for p in files - indexed)}"
     assert indexed - files == set(), f"rows without a file: {sorted(p.name for p in indexed - files)}"
 

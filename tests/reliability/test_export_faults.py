@@ -8,6 +8,8 @@ forwarding peers of :mod:`tests.helpers.pacs_faults`, and a real Orthanc.
 
 "Minutes" of PACS downtime are scaled down with the backoff settings (0.5 s doubling, capped at 2 s);
 the schedule checked is the same function of the settings as with the defaults (2 s, capped at 300 s).
+Two checks run in process, without the node's processes: two export runners at once (the lock on the
+rows being sent), and a rejection that pynetdicom reads only after the socket closed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,10 +29,12 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import evt
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from infergate.config import Settings
+from infergate.config import Destination, Settings
+from infergate.dicom import scu
 from infergate.ingest import InstanceHeader, ingest_instance
 from infergate.jobs import JobQueue, make_celery
 from infergate.store import queries
@@ -41,6 +46,9 @@ from tests.helpers.node import NodeProcess, http_json, node_env, wait_for_http
 from tests.helpers.pacs_faults import ForwardingPACS, RejectingPACS, stop_process_group
 from tests.helpers.peers import Orthanc, free_port
 from tests.helpers.storage_scp import StorageSCP
+from workers.export import export_job
+from workers.pipeline import JobOutcome, WorkerContext, run_job
+from workers.runtime import OnnxRunner
 
 pytestmark = pytest.mark.integration
 
@@ -72,25 +80,7 @@ class Node:
 
     def submit(self) -> int:
         """Ingest a 16-slice CT series, create a job for it and queue the job; returns the job id."""
-        info = write_ct_series(self.tmp / "ct", slices=16, size=64)
-        for path in info.paths:
-            ds = dcmread(path)
-            header = InstanceHeader.from_dataset(
-                ds,
-                sop_class_uid=ds.SOPClassUID,
-                sop_instance_uid=ds.SOPInstanceUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            )
-            ingest_instance(
-                self.factory, self.settings.data_path, header, path.read_bytes(), calling_ae="CT", called_ae="NODE"
-            )
-        with self.factory() as session, session.begin():
-            series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == info.series_uid))
-            assert series_id is not None
-            # routed by the test: the watcher must not add the routing rules' other jobs
-            session.execute(update(Series).where(Series.id == series_id).values(state=SeriesState.routed))
-            job_id = queries.create_job(session, series_id, MODEL, "1")
-        assert job_id is not None
+        job_id = _job_for_new_series(self.settings, self.factory, self.tmp / "ct")
         self.queue.send_run(job_id)
         return job_id
 
@@ -128,6 +118,28 @@ class Node:
     def result_uids(self, job_id: int) -> list[str]:
         with self.factory() as session:
             return sorted(session.scalars(select(ResultObject.sop_instance_uid).where(ResultObject.job_id == job_id)))
+
+
+def _job_for_new_series(settings: Settings, factory: sessionmaker[Session], folder: Path) -> int:
+    """Ingest a 16-slice CT series in process and create a ``MODEL`` job for it; returns the job id."""
+    info = write_ct_series(folder, slices=16, size=64)
+    for path in info.paths:
+        ds = dcmread(path)
+        header = InstanceHeader.from_dataset(
+            ds,
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        )
+        ingest_instance(factory, settings.data_path, header, path.read_bytes(), calling_ae="CT", called_ae="NODE")
+    with factory() as session, session.begin():
+        series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == info.series_uid))
+        assert series_id is not None
+        # routed by the test: the watcher must not add the routing rules' other jobs
+        session.execute(update(Series).where(Series.id == series_id).values(state=SeriesState.routed))
+        job_id = queries.create_job(session, series_id, MODEL, "1")
+    assert job_id is not None
+    return job_id
 
 
 @pytest.fixture
@@ -239,6 +251,38 @@ def test_pacs_down_retries_on_a_capped_backoff_and_delivers_once_when_back(make_
         pacs.stop()
 
 
+@pytest.mark.timeout(120)
+def test_two_export_messages_at_once_send_each_object_once(tmp_path: Path, pg_url: str) -> None:
+    """The countdown message and the reconciler's (or a redelivery) may run together when the PACS is back.
+
+    Two runners export the same job at the same time, in process, against a slow PACS: the rows are
+    locked while they are sent, so the second runner skips them and each object is sent once.
+    """
+    pacs = StorageSCP(ae_title="SLOWPACS", delay=0.5).start()
+    settings = Settings(
+        data_dir=tmp_path / "var", database_url=pg_url, pacs=pacs.destination, onnx_providers="CPUExecutionProvider"
+    )
+    engine = make_engine(settings)
+    try:
+        upgrade(engine)
+        factory = make_session_factory(engine)
+        ctx = WorkerContext(settings=settings, factory=factory, runner=OnnxRunner(["CPUExecutionProvider"], 1))
+        job_id = _job_for_new_series(settings, factory, tmp_path / "ct")
+        assert run_job(ctx, job_id)[0] is JobOutcome.exporting
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda _: export_job(ctx, job_id), range(2)))
+        assert outcomes == [None, None]
+        with factory() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.state == JobState.done
+            uids = sorted(session.scalars(select(ResultObject.sop_instance_uid).where(ResultObject.job_id == job_id)))
+        assert Counter(pacs.stores) == dict.fromkeys(uids, 1), pacs.stores
+        assert pacs.associations == 1
+    finally:
+        pacs.stop()
+        engine.dispose()
+
+
 # Row 12 ----------------------------------------------------------------------------------------------------
 
 
@@ -328,6 +372,28 @@ def test_permanent_refusals_are_tried_once_and_a_redrive_sends_again(make_node: 
             peer.stop()
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("result", "permanent"), [(1, True), (2, False)])
+def test_a_rejection_read_after_the_socket_closed_keeps_its_kind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, result: int, permanent: bool
+) -> None:
+    """A peer that rejects and closes at once: pynetdicom may see the closed socket first and call it an abort.
+
+    Holding the requesting thread for 0.2 s after the A-ASSOCIATE-RQ makes that order certain; the
+    rejection must still be classified by its A-ASSOCIATE-RJ (found by the stress of row 12).
+    """
+    monkeypatch.setattr(scu, "NODELAY_HANDLER", (evt.EVT_REQUESTED, lambda event: time.sleep(0.2)))
+    info = write_ct_series(tmp_path, slices=1, size=16)
+    peer = RejectingPACS("FASTREJECT", result=result, source=1, reason=3).start()
+    try:
+        outcome = scu.send_files(Destination.parse(peer.destination), list(info.paths), calling_ae="NODE")
+    finally:
+        peer.stop()
+    assert len(outcome) == 1 and outcome[0].status is None and outcome[0].transient is not permanent
+    kind = "permanent" if permanent else "transient"
+    assert f"rejected-{kind} (result {result}, source 1, reason 3" in (outcome[0].error or ""), outcome
+
+
 # Row 13 ----------------------------------------------------------------------------------------------------
 
 
@@ -335,6 +401,13 @@ def test_permanent_refusals_are_tried_once_and_a_redrive_sends_again(make_node: 
 def test_crash_between_the_pacs_success_and_the_done_mark_resends_the_same_instance(
     make_node: Callable[..., Node], tmp_path: Path
 ) -> None:
+    """The kill point: Orthanc has stored the object and the Success answer is on its way, unread.
+
+    The PACS in front of Orthanc freezes the worker's process group (SIGSTOP) once Orthanc stored the
+    first object, then writes its Success to the socket; only then is the worker SIGKILLed. A worker
+    that died after reading the Success but before its commit leaves the same state behind: the
+    object in the PACS, the export row pending (its transaction rolled back with the connection).
+    """
     with Orthanc(tmp_path / "orthanc", aet="ORTHANC", dicomweb=False) as orthanc:
         crash: dict[str, Any] = {}
         pacs = ForwardingPACS(orthanc, ae_title="PACS")

@@ -20,6 +20,7 @@ The promise checked for every case:
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -39,7 +40,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -56,10 +58,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.config import Settings
 from infergate.dicom.receive import StoreContext
+from infergate.dicomweb.stow import FailureReason, StorePolicy, store_part
 from infergate.store.session import make_engine, make_session_factory
 from infergate.store.tables import Instance
 from service.scp.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from tests.data.make_series import write_ct_series
+from tests.helpers.bombs import deflate_bomb
 from tests.helpers.raw_store import RawSender, dataset_of, store_in_process
 from tests.reliability.scp_harness import ScpProcess, files_under, migrate, stored_instances
 
@@ -78,6 +82,16 @@ EXAMPLES = {
     "garbage": 500,
     "syntax_and_uids": 60,
     "deflate": 400,
+}
+#: STOW-RS parts, on top: the same path into the store, by the other door.
+STOW_EXAMPLES = 1000
+STOW_POLICY = StorePolicy(frozenset(STORAGE_SOP_CLASSES), frozenset(TRANSFER_SYNTAXES))
+#: Failure reasons of STOW-RS (PS3.18 Table I.2-2) that refuse a part for what it is.
+STOW_REFUSALS = {
+    FailureReason.CANNOT_UNDERSTAND,
+    FailureReason.DATA_SET_DOES_NOT_MATCH,
+    FailureReason.TRANSFER_SYNTAX_NOT_SUPPORTED,
+    FailureReason.SOP_CLASS_NOT_SUPPORTED,
 }
 #: Growth of the test process's peak RSS allowed over the whole generated run.
 FUZZ_RSS_GROWTH_MIB = 256
@@ -432,6 +446,51 @@ def test_deflated(fuzz: Fuzz, index: int, cut: float, edits: list[tuple[float, i
     _run_case(fuzz, CTImageStorage, uid, DeflatedExplicitVRLittleEndian, sent)
 
 
+@pytest.mark.timeout(120)
+@settings(
+    max_examples=STOW_EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=timedelta(seconds=CASE_SECONDS),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    index=_seed_index,
+    cut=st.one_of(st.just(1.0), st.floats(0.0, 1.0)),  # whole or cut short, about half and half
+    edits=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), _byte), max_size=4),
+)
+def test_stow_parts(fuzz: Fuzz, index: int, cut: float, edits: list[tuple[float, int]]) -> None:
+    """STOW-RS takes the same path into the store: Part 10 files (File Meta Information included)
+    cut short and overwritten, through ``store_part``. A stored part keeps its bytes, preamble zeroed."""
+    seed = fuzz.seeds[index]
+    uid, data = _fresh(seed.data)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, UID(uid)
+    meta.TransferSyntaxUID = UID(seed.syntax)
+    buffer = BytesIO()
+    buffer.write(b"\xff" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)  # type: ignore[arg-type]
+    part = bytearray(buffer.getvalue() + data)
+    for where, value in edits:
+        part[int(where * len(part))] = value
+    sent = bytes(part[: int(cut * len(part))] if cut < 1.0 else part)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = store_part(fuzz.factory, fuzz.ctx.data_root, sent, policy=STOW_POLICY)
+    assert time.perf_counter() - started < CASE_SECONDS
+    with fuzz.factory() as session:
+        path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == outcome.sop_instance_uid))
+    if outcome.stored:
+        assert path is not None, "stored without a row"
+        stored = (fuzz.ctx.data_root / path).read_bytes()
+        assert stored == bytes(128) + sent[128:], "a stored part differs from the sent one"
+        _parses(fuzz.ctx.data_root / path)
+    else:
+        assert outcome.failure in STOW_REFUSALS, outcome
+        assert path is None or outcome.sop_instance_uid != uid, "a refused part left a row"
+
+
 # --- pydicom's test files, to a real SCP process ----------------------------------------------------
 
 
@@ -481,6 +540,10 @@ def _read_corpus_file(path: Path) -> tuple[bytes, str | None, str | None, str | 
     return data, syntax, sop_class, sop_instance
 
 
+def _break_vr(data: bytes, at: int) -> bytes:
+    return data[:at] + b"\x00\x01" + data[at + 2 :]
+
+
 def _corpus_cases(paths: list[Path], accepted: set[tuple[str, str]]) -> list[Case]:
     """Each file as it is, cut in half, cut by one byte and (explicit VR) with one VR broken, each
     under a new SOP Instance UID of the same length where the file carries one (so that no case is
@@ -505,7 +568,7 @@ def _corpus_cases(paths: list[Path], accepted: set[tuple[str, str]]) -> list[Cas
             found = [m.start() + 4 for m in re.finditer(rb"(?s).{4}(?:US|UL|LO|CS|UI|DS|IS|SH|DA|TM)", data)]
             if found:
                 at = rng.choice(found)
-                variants[" (bad VR)"] = lambda d, at=at: d[:at] + b"\x00\x01" + d[at + 2 :]
+                variants[" (bad VR)"] = functools.partial(_break_vr, at=at)
         for variant, (label, mutate) in enumerate(variants.items()):
             unique = 10 * number + variant
             uid = _new_uid_like(old_uid, unique) if old_uid else f"2.25.{unique}"
@@ -514,26 +577,9 @@ def _corpus_cases(paths: list[Path], accepted: set[tuple[str, str]]) -> list[Cas
     return cases
 
 
-def _deflate_bomb() -> Case:
-    """A CT header and 2 GiB of zero pixels, deflated to about 2 MiB."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.19.3"
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.19.4"
-    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.19.5"
-    ds.Rows = ds.Columns = 32768
-    ds.BitsAllocated = 16
-    buffer = BytesIO()
-    ds.save_as(buffer, implicit_vr=False, little_endian=True)
-    size, block = 2 * 1024**3, 1024**2
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    head = compressor.compress(buffer.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00" + size.to_bytes(4, "little"))
-    head += compressor.flush(zlib.Z_FULL_FLUSH)
-    # After a full flush the compressor forgets its history: the same block of zeros compresses to
-    # the same bytes every time, so 2 GiB take one block's work.
-    zeros = compressor.compress(bytes(block)) + compressor.flush(zlib.Z_FULL_FLUSH)
-    stream = head + zeros * (size // block) + compressor.flush()
-    return Case("deflate bomb", CTImageStorage, str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian, stream)
+def _bomb_command() -> tuple[str, str]:
+    sop_class, sop_instance, _ = deflate_bomb()
+    return sop_class, sop_instance
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -560,7 +606,7 @@ def test_pydicom_test_files_to_a_real_scp(tmp_path: Path, scp_process: Callable[
     cases += [
         Case("class mismatch", MRImageStorage, valid.sop_instance, valid.syntax, valid.data),
         Case("instance mismatch", valid.sop_class, "2.25.19", valid.syntax, valid.data),
-        _deflate_bomb(),
+        Case("deflate bomb", *_bomb_command(), DeflatedExplicitVRLittleEndian, deflate_bomb()[2]),
     ]
     contexts = sorted({(c.sop_class, c.syntax) for c in cases} | {(MRImageStorage, valid.syntax)})
     assert len(contexts) <= 128

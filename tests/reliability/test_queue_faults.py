@@ -23,7 +23,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from infergate.jobs import GPU_QUEUE
-from infergate.store.tables import JobState
+from infergate.store.tables import Job, JobState
 from tests.data.make_series import write_ct_series
 from tests.helpers.deployment import (
     RedisServer,
@@ -49,9 +49,8 @@ def broker(tmp_path: Path) -> Iterator[RedisServer]:
         print(server.log_text())  # noqa: T201 - shown when the test failed
 
 
-def _settled(deployment_jobs: list[object], count: int) -> bool:
-    states = [getattr(job, "state", None) for job in deployment_jobs]
-    return len(states) == count and all(state in (JobState.done, JobState.failed) for state in states)
+def _settled(jobs: list[Job], count: int) -> bool:
+    return len(jobs) == count and all(job.state in (JobState.done, JobState.failed) for job in jobs)
 
 
 # --- Row 6 --------------------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_poison_model_fails_its_jobs_with_the_error_and_others_keep_flowing(
         assert {job.id: job.attempts for job in deployment.jobs()} == attempts
         assert len(re.findall(r"run_model\[[0-9a-f-]+\] received", deployment.worker.log_text())) == deliveries
         assert broker.queue_length(GPU_QUEUE) == 0
-        print(f"poison error: {poisoned[0].error[:200]}")  # noqa: T201
+        print(f"poison error: {(poisoned[0].error or '')[:200]}")  # noqa: T201
 
 
 @pytest.mark.timeout(300)
