@@ -68,6 +68,9 @@ def make_celery(settings: Settings) -> Celery:
         # job to wait for its lease to expire, since a broker restarted without persistence
         # forgets the message.)
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # The lease is renewed while a job runs, so a model that hangs would hold its job forever:
+        # the pool process is killed past this limit, and the job is retried like after a crash.
+        "task_time_limit": settings.job_time_limit_seconds,
         "broker_transport_options": {},
     }
     if settings.celery_broker_url.startswith("filesystem"):

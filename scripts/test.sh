@@ -11,6 +11,7 @@ command -v storescu >/dev/null || need_apt+=(dcmtk)
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
+command -v strace >/dev/null || need_apt+=(strace)  # the SCP's durability order (tests/reliability)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)  # headless browser for the OHIF check
 command -v npm >/dev/null || need_apt+=(npm)  # fetches the prebuilt OHIF app
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -67,8 +68,13 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
-    """``EVT_C_STORE``: store one instance durably.
+def handle_store(
+    event: Event, ctx: StoreContext, on_stored: Callable[[InstanceHeader], None] | None = None
+) -> int | Dataset:
+    """``EVT_C_STORE``: store one instance durably; ``on_stored`` gets the header of what was stored.
+
+    ``on_stored`` lets a caller (the audit count of the SCP) learn the study without decoding the
+    dataset again, pixel data included.
 
     Statuses returned
     -----------------
@@ -141,6 +147,8 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
         dataset_bytes.release()
     if outcome is IngestOutcome.duplicate:
         log.info("duplicate SOP Instance UID: first copy kept")
+    if on_stored is not None:
+        on_stored(header)
     return SUCCESS
 
 
@@ -152,7 +160,8 @@ def _read_header(event: Event) -> Dataset:
     """The received dataset up to its pixel data, decoded without copying the pixel data.
 
     ``event.dataset`` would decode, and so copy, every value including a multi-frame's pixels;
-    the handler needs only the header. Deflated datasets are inflated first, as pynetdicom does.
+    the handler needs only the header. The whole dataset's encoding is checked first
+    (:func:`check_encoding`); a deflated one is inflated first, within a bound (:func:`inflate_dataset`).
     """
     request = event.request
     stream = request.DataSet  # type: ignore[union-attr]

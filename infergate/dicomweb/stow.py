@@ -168,8 +168,9 @@ def _read(content: bytes | memoryview) -> Dataset:
     # Not wrapped in io.BufferedReader: pydicom takes one for a named file on disk.
     with _ViewReader(memoryview(content)) as handle:
         ds = dcmread(handle, force=False)
-        for _ in ds.iterall():
-            pass
+        for dataset in (ds.file_meta, ds):  # the meta too: its UIDs are read right after this
+            for _ in dataset.iterall():
+                pass
     return ds
 
 

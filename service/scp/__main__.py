@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from typing import Any
 
 from infergate import audit
 from infergate.audit import Auditor
@@ -17,6 +19,27 @@ from service.scp.ae import free_bytes, start_server
 from service.watcher import Watcher
 
 log = logging.getLogger("service.scp")
+
+
+#: How long open associations may finish after a stop signal before they are aborted; under the
+#: 10 s Docker and systemd give before SIGKILL, so that an abort, not a kill, ends what is left.
+SHUTDOWN_GRACE_SECONDS = 8.0
+
+
+def _drain(server: Any, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    """Let open associations finish (new ones are no longer accepted), then A-ABORT the rest.
+
+    An aborted sender got no Success for what was in flight and sends it again; what it was
+    answered Success for is already stored.
+    """
+    deadline = time.monotonic() + grace
+    while server.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = list(server.ae.active_associations)
+    for assoc in left:
+        assoc.abort()
+    if left:
+        log.warning("aborted %d association(s) still open %.0f s after the stop signal", len(left), grace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.info("stopping")
         server.shutdown()
+        _drain(server)
         if thread is not None:
             thread.join(timeout=10)
         auditor.emit(audit.application_activity(node=auditor.node(), start=False))

@@ -363,13 +363,10 @@ def audit_aborted(event: Event, gate: Gate) -> None:
 
 def store_and_count(event: Event, ctx: StoreContext, gate: Gate) -> int | Dataset:
     """``EVT_C_STORE``: :func:`~infergate.dicom.receive.handle_store`, counting what it stored for the audit."""
-    study_uid: str | None = None
+    stored: list[str] = []
     try:
-        result = handle_store(event, ctx)
-        status = result if isinstance(result, int) else int(result.Status)
-        if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
-            study_uid = str(event.dataset.StudyInstanceUID)  # decoded (and checked) by handle_store, cached
-        return result
+        # The study comes from the header handle_store decoded: event.dataset would decode it all again.
+        return handle_store(event, ctx, on_stored=lambda header: stored.append(header.study_instance_uid))
     finally:
         sop_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
-        gate.count_store(event.assoc, study_uid, sop_class)
+        gate.count_store(event.assoc, stored[0] if stored else None, sop_class)

@@ -102,10 +102,11 @@ class RawSender:
             _, response = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()
-        if response is None or getattr(response, "Status", None) is None:
+        status = getattr(response, "Status", None)
+        if status is None:
             assoc.abort()
             return None
-        return int(response.Status)
+        return int(status)
 
     def close(self) -> None:
         if self.assoc is not None and self.assoc.is_established:

@@ -5,7 +5,9 @@
   private elements, are cut short, extended, overwritten byte by byte, spliced, given wrong lengths,
   wrong VRs and wrong tags, sent under another transfer syntax or with command UIDs that differ
   from the dataset's; and pure garbage. They go through the SCP's C-STORE handler in process (the
-  network adds nothing here but time; the real process is exercised below).
+  network adds nothing here but time; the real process is exercised below). 1,000 more Part 10
+  files, File Meta Information included, cut short and overwritten, go through STOW-RS's
+  ``store_part``, the other door into the same store.
 * **pydicom's own test files**, broken ones included (bad VRs, no meta, truncated, a JPEG 2000
   codestream cut short, bad sequences), each also cut in half, cut by one byte and given a bad VR,
   plus command/dataset UID mismatches, sent as they are to a real ``python -m service.scp`` process.

@@ -1,7 +1,8 @@
 """Never lose a study: the broker fails, SQL keeps the work (rows 6, 7 and 9 of issue 5).
 
 * Row 6: Redis is down when a study arrives. Storage still answers Success, the jobs wait in SQL,
-  and all of them run within 60 s of Redis returning (production reconcile settings).
+  and all of them run within 60 s of Redis returning (production reconcile settings); the watcher
+  sends what it could not send on its first tick after the broker returns.
 * Row 7: Redis is restarted without persistence with 20 jobs in flight. All 20 finish with exactly
   one SEG and one SR each: the SQL reconciler re-sends what the broker forgot.
 * Row 9: the broker's visibility timeout is shorter than a job. Redis hands the message of the
@@ -21,11 +22,17 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import update
 
+from infergate.config import Settings
 from infergate.jobs import GPU_QUEUE
-from infergate.store.tables import Job, JobState
+from infergate.store import queries
+from infergate.store.session import make_engine, make_session_factory, transaction
+from infergate.store.tables import Job, JobState, Series, utcnow
+from service.watcher import Watcher
 from tests.data.make_series import write_ct_series
 from tests.helpers.deployment import (
+    REPO,
     RedisServer,
     install_model,
     results_in_pacs,
@@ -36,6 +43,7 @@ from tests.helpers.deployment import (
     write_rules,
 )
 from tests.helpers.peers import run_storescu
+from tests.helpers.queues import RecordingQueue
 from tests.reliability.scp_harness import SUCCESS, Sender
 
 pytestmark = pytest.mark.integration
@@ -54,6 +62,57 @@ def _settled(jobs: list[Job], count: int) -> bool:
 
 
 # --- Row 6 --------------------------------------------------------------------------------------------------
+
+
+class _Broker(RecordingQueue):
+    """A queue whose broker is down until ``up`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+
+    def send_run(self, job_id: int, countdown: float | None = None) -> None:
+        if not self.up:
+            raise ConnectionRefusedError(111, "Connection refused")
+        super().send_run(job_id, countdown)
+
+
+@pytest.mark.timeout(60)
+def test_the_watcher_sends_jobs_it_could_not_send_on_its_first_tick_after_the_broker_returns(
+    db_settings: Settings, tmp_path: Path
+) -> None:
+    """Row 6's mechanism, without processes: no waiting for ``requeue_after`` or the reconcile period."""
+    settings = db_settings.model_copy(
+        update={
+            "models_dir": REPO / "models",
+            "routing_rules": write_rules(tmp_path / "routing.yaml", ["ct-tissue-seg"]),
+            "series_quiet_seconds": 1.0,
+            "requeue_after_seconds": 3600.0,
+            "reconcile_interval_seconds": 3600.0,
+        }
+    )
+    engine = make_engine(settings)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        study_id = queries.get_or_create_study(session, generate_uid())
+        series_id = queries.get_or_create_series(session, study_id, generate_uid(), modality="CT", num_instances=8)
+        session.execute(
+            update(Series).where(Series.id == series_id).values(last_received_at=utcnow() - timedelta(minutes=1))
+        )
+    broker = _Broker()
+    watcher = Watcher(settings, factory, broker)
+    (routed,) = watcher.run_once()  # the series completes; sending its job fails
+    assert broker.runs == [] and len(routed.job_ids) == 1
+    watcher.run_once()  # still down: nothing is lost, the job waits in SQL
+    broker.up = True
+    watcher.run_once()
+    assert broker.runs == routed.job_ids
+    with factory() as session:
+        job = session.get(Job, routed.job_ids[0])
+        assert job is not None and job.state == JobState.queued
+    watcher.run_once()
+    assert broker.runs == routed.job_ids, "sent twice"
+    engine.dispose()
 
 
 @pytest.mark.timeout(240)

@@ -6,6 +6,8 @@
 * Row 5: PostgreSQL dies (``pg_ctl stop -m immediate``) in the middle of a study. Instances are
   answered 0xA700, no file is kept without a row, and after PostgreSQL's restart the sender's
   retries are stored. The cluster is a private one of the test, never the machine's shared server.
+* What a crash or a lost COMMIT reply leaves (a file without a row, a row without a file) is
+  repaired by the sender's retry of that instance.
 """
 
 from __future__ import annotations

@@ -251,3 +251,46 @@ def test_job_that_kills_its_worker_every_time_fails_after_the_configured_attempt
         assert job is not None and job.state == JobState.failed and job.attempts == max_attempts + 1
         runs = re.findall(rf"job {job.id}: running", deployment.worker.log_text())
         assert len(runs) == max_attempts, deployment.worker.log_text()[-6000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_job_is_stopped_by_its_time_limit_and_fails_after_its_attempts(
+    tmp_path: Path, pg_url: str, broker: RedisServer
+) -> None:
+    """A job's lease is renewed while it runs, so only the time limit ends a model that never returns.
+
+    Celery kills the pool process past ``job_time_limit_seconds``; the job is then retried like after a
+    crash and, still too slow each time, ends ``failed`` after its attempts while the other job is done.
+    """
+    models = tmp_path / "models"
+    slow = slow_segmentation(models)  # a few seconds per slice: far above the limit below
+    good = install_model(models, "ct-tissue-seg")
+    max_attempts, lease, limit = 2, 4, 3
+    with run_deployment(
+        tmp_path,
+        pg_url,
+        broker.url(),
+        models_dir=models,
+        routing_rules=write_rules(tmp_path / "routing.yaml", [slow, good]),
+        series_quiet_seconds=2,
+        onnx_threads=1,
+        job_max_attempts=max_attempts,
+        job_lease_seconds=lease,
+        job_time_limit_seconds=limit,
+        reconcile_interval_seconds=1,
+        requeue_after_seconds=lease,
+    ) as deployment:
+        send_ct(deployment, slices=8, size=128)
+
+        def settled() -> bool:
+            job = _job(deployment, slow)
+            return job is not None and job.state in (JobState.failed, JobState.done)
+
+        wait_for(settled, 200, "the hung job settled")
+        job = _job(deployment, slow)
+        assert job is not None and job.state == JobState.failed, _state(deployment)
+        assert job.error is not None and f"gave up after {max_attempts} attempts" in job.error, job.error
+        log = deployment.worker.log_text()
+        assert "TimeLimitExceeded" in log or "Hard time limit" in log, log[-4000:]
+        other = _job(deployment, good)
+        assert other is not None and other.state == JobState.done, _state(deployment)
