@@ -46,6 +46,9 @@ def create_app(
         version=__version__,
         description="DICOM AI inference node: jobs, results and models.",
         generate_unique_id_function=_operation_id,
+        # No 307 to the path without its slash: a client re-POSTing a STOW-RS body to /studies/%2F/
+        # would land on the collection, outside the study it named.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)  # a bad keys/JWKS file stops the start
