@@ -238,7 +238,19 @@ def _load(folder: Path, headroom: int) -> None:
     ctx = StoreContext(unused, scratch)
     outcome = _outcome(lambda: store_in_process(ctx, bomb[0], bomb[1], DeflatedExplicitVRLittleEndian, bomb[2]))
     _emit("deflate bomb to the C-STORE handler", **outcome, log=receive_log.messages[-1:])
-    _emit("peak", outcome="rss", message=str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    _emit("peak", outcome="rss", message=str(_peak_rss()))
+
+
+def _peak_rss() -> int:
+    """This process's own resident high-water mark in bytes.
+
+    Not ``getrusage().ru_maxrss``: Linux carries it over from the parent through fork and exec, so a
+    child of a large pytest process would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _jobs(data_dir: Path, job_ids: list[int], headroom: int) -> None:

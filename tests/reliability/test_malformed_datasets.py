@@ -26,7 +26,6 @@ import functools
 import logging
 import random
 import re
-import resource
 import struct
 import time
 import warnings
@@ -67,6 +66,7 @@ from service.scp.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from tests.data.make_series import write_ct_series
 from tests.helpers.bombs import deflate_bomb
 from tests.helpers.raw_store import RawSender, dataset_of, store_in_process
+from tests.helpers.rss import RssSampler
 from tests.reliability.scp_harness import ScpProcess, files_under, migrate, stored_instances
 
 SUCCESS = 0x0000
@@ -237,14 +237,15 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
     levels = {name: logger.level for name, logger in quiet.items()}
     for logger in quiet.values():
         logger.setLevel(logging.CRITICAL)  # 10,000 refusals would be 10,000 warnings
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state = Fuzz(StoreContext(factory, settings.data_path), factory, _make_seeds(root / "seeds"), {})
+    sampler = RssSampler().__enter__()
     try:
         yield state
     finally:
+        sampler.__exit__(None, None, None)
         for name, logger in quiet.items():
             logger.setLevel(levels[name])
-        growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+        growth_mib = sampler.growth / 1024**2
         rows = stored_instances(settings)
         files = files_under(settings.instances_dir)
         engine.dispose()

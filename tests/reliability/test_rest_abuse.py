@@ -139,8 +139,12 @@ def _rss_kib(pid: int) -> int:
 
 
 def _written_files(api: Api) -> list[Path]:
-    """Files under the data folder other than the database (instances, results, spools)."""
-    return [p for p in api.data_dir.rglob("*") if p.is_file() and not p.name.startswith("infergate.db")]
+    """Files under the data folder other than the database and the audit trail (instances, results, spools)."""
+    return [
+        p
+        for p in api.data_dir.rglob("*")
+        if p.is_file() and not p.name.startswith("infergate.db") and p.name != "audit.log"
+    ]
 
 
 def _uvicorn_pid(api: Api) -> int:
