@@ -12,6 +12,7 @@ Debian's chromium (``scripts/test.sh`` installs it): when either is missing the 
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,13 @@ def test_ohif_lists_the_study_with_its_seg_and_sr(tmp_path: Path) -> None:
             results = wait_for_results(api, info.study_uid, timeout=QUIET_SECONDS + 90, jobs=2)
             jobs = {job["model_id"]: job for series in results["series"] for job in series["jobs"]}
             assert {job["state"] for job in jobs.values()} == {"done"}, jobs
+            # The job's own preview, kept beside the viewer's screenshots for a person to compare.
+            preview_url = jobs["ct-tissue-seg"]["preview_url"]
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(preview_url, timeout=30) as answer:
+                preview = answer.read()
+            assert preview.startswith(b"\x89PNG\r\n\x1a\n")
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "preview-ct-tissue-seg.png").write_bytes(preview)
 
             report = check_study(
                 ohif.origin,
