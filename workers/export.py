@@ -11,6 +11,7 @@ up to ``export_max_attempts``. A failed export is sent again only when asked to
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, or_, select
@@ -22,6 +23,7 @@ from infergate.dicom.storage import resolve_inside
 from infergate.store import queries
 from infergate.store.tables import Export, ExportState, Job, JobState, ResultObject, utcnow
 from workers.pipeline import WorkerContext
+from workers.stages import merged
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,14 @@ def _apply(settings: Settings, export: Export, result: StoreResult, now: datetim
         export.next_attempt_at = now + timedelta(seconds=backoff(settings, export.attempts))
 
 
-def _settle(session: Session, job_id: int) -> float | None:
-    """Set the job's final state once no export is pending; else the seconds until the next attempt."""
+def _settle(session: Session, job_id: int, seconds: float) -> float | None:
+    """Set the job's final state once no export is pending; else the seconds until the next attempt.
+
+    The ``seconds`` this runner spent sending are added to the job's ``export`` timing.
+    """
+    job = session.get(Job, job_id)
+    if job is not None and seconds > 0:
+        job.timings = merged(job.timings, {"export": seconds})
     exports = session.scalars(select(Export).join(ResultObject).where(ResultObject.job_id == job_id)).all()
     pending = [e for e in exports if e.state == ExportState.pending]
     if pending:
@@ -125,8 +133,10 @@ def export_job(ctx: WorkerContext, job_id: int) -> float | None:
         destinations = session.scalars(
             select(Export.destination).join(ResultObject).where(_due(job_id, utcnow())).distinct()
         ).all()
+    began = time.perf_counter()
     held_elsewhere = [destination for destination in destinations if not _send_due(ctx, job_id, destination)]
     if destinations and len(held_elsewhere) == len(destinations):
         return None
+    seconds = time.perf_counter() - began if destinations else 0.0
     with ctx.factory() as session, session.begin():
-        return _settle(session, job_id)
+        return _settle(session, job_id, seconds)

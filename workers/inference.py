@@ -30,8 +30,9 @@ from workers.postprocess import (
     labels_to_source,
     threshold_labels,
 )
-from workers.preprocess import prepare
+from workers.preprocess import PreparedInput, prepare
 from workers.runtime import InferenceRunner, RegionRunner
+from workers.stages import StageTimer, timed
 
 log = logging.getLogger(__name__)
 
@@ -259,16 +260,25 @@ def _segment(
         def predict(batch: np.ndarray) -> np.ndarray:
             return channel_probability(raw(batch), post, class_axis=1)
 
-    if patch is None:  # the whole image at once: one window, plain weights, exact output
-        scores = sliding_window(images, images.shape[1:], 0.0, settings.batch_size, predict, n_classes, "uniform")
-    else:
-        scores = sliding_window(images, patch, settings.overlap, settings.batch_size, predict, n_classes)
-    if post.threshold is None:
-        return label_map_from_scores(scores, class_axis=1)
-    return threshold_labels(scores, post.threshold, class_axis=1)
+    def decide(scores: np.ndarray) -> np.ndarray:
+        if post.threshold is None:
+            return label_map_from_scores(scores, class_axis=1)
+        return threshold_labels(scores, post.threshold, class_axis=1)
+
+    if patch is None:
+        # The whole image at once: each batch's scores are exactly the output (one window, plain
+        # weights), so they become labels straight away. A score map of every image is never built:
+        # for a 200-slice CT it is 300 MB, and weighting it and taking its argmax cost 1.5 s.
+        size = settings.batch_size
+        starts = range(0, images.shape[0], size)
+        batches = (np.ascontiguousarray(images[i : i + size, np.newaxis], dtype=np.float32) for i in starts)
+        return np.concatenate([decide(predict(batch).astype(np.float32, copy=False)) for batch in batches])
+    return decide(sliding_window(images, patch, settings.overlap, settings.batch_size, predict, n_classes))
 
 
-def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> InferenceOutput:
+def infer(
+    volume: Volume, package: ModelPackage, runner: InferenceRunner, timer: StageTimer | None = None
+) -> InferenceOutput:
     """Run ``package`` on ``volume`` as its manifest says.
 
     Parameters
@@ -279,6 +289,9 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
         The model and its manifest.
     runner : InferenceRunner
         Runs the network (ONNX Runtime in production).
+    timer : StageTimer | None
+        Receives the seconds of ``preprocess``, ``onnx`` (the runner's calls) and ``postprocess``
+        (see :mod:`workers.stages`); the result is the same with or without it.
 
     Returns
     -------
@@ -295,6 +308,16 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
         model's dimensionality, or its region-of-interest model found nothing to crop (or the
         runner cannot run that model: it needs :class:`~workers.runtime.RegionRunner`).
     """
+    timer = timer if timer is not None else StageTimer()
+    runner = timed(runner, timer)
+    with timer.stage("preprocess"):
+        prepared, images = _prepare(volume, package, runner)
+    with timer.stage("postprocess"):  # all but the runner's calls, which count as "onnx"
+        return _run_and_postprocess(images, prepared, package, runner)
+
+
+def _prepare(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> tuple[PreparedInput, np.ndarray]:
+    """The checked, preprocessed volume and the model's images: ``(1, *volume)`` for 3-D, the slices for 2-D."""
     manifest = package.manifest
     check_accepts(volume, manifest)
     dimensionality = manifest.accepts.dimensionality
@@ -304,7 +327,16 @@ def infer(volume: Volume, package: ModelPackage, runner: InferenceRunner) -> Inf
     except ValueError as exc:
         raise ModelFailed(f"Manifest of {manifest.id!r}: {exc}") from exc
     # A 3-D model sees one image (the volume); a 2-D model sees each slice as an image.
-    images = prepared.array[np.newaxis] if dimensionality == 3 else prepared.array
+    return prepared, prepared.array[np.newaxis] if dimensionality == 3 else prepared.array
+
+
+def _run_and_postprocess(
+    images: np.ndarray, prepared: PreparedInput, package: ModelPackage, runner: InferenceRunner
+) -> InferenceOutput:
+    """The network on ``images`` and its output turned into labels on the source grid or probabilities."""
+    manifest = package.manifest
+    dimensionality = manifest.accepts.dimensionality
+    settings = manifest.preprocess
     spatial = images.shape[1:]
 
     if manifest.task == "segmentation":

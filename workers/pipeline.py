@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from io import BytesIO
@@ -51,6 +53,7 @@ from workers.inference import InferenceOutput, infer
 from workers.postprocess import segment_volumes_ml
 from workers.preview import Preview, try_render_preview
 from workers.runtime import InferenceRunner
+from workers.stages import StageTimer, merged, timed
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +104,17 @@ class JobResult:
     findings: list[ClassificationFinding]
     totals: list[TotalVolume]
     preview: Preview | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (workers.stages)
 
 
 def load_series(settings: Settings, session: Session, series_id: int) -> list[Dataset]:
     """Read every stored instance of a series."""
     paths = session.scalars(select(Instance.path).where(Instance.series_id == series_id)).all()
+    return read_instances(settings, series_id, paths)
+
+
+def read_instances(settings: Settings, series_id: int, paths: Sequence[str]) -> list[Dataset]:
+    """Read the stored instances of series ``series_id`` at ``paths`` (relative to the data folder)."""
     if not paths:
         raise NotFound(f"Series {series_id} has no stored instances.")
     return [dcmread(resolve_inside(settings.data_path, path)) for path in paths]
@@ -124,8 +133,10 @@ def make_results(
     package: ModelPackage,
     output: InferenceOutput,
     volume_spacing: tuple[float, float, float] | None,
+    timer: StageTimer | None = None,
 ) -> JobResult:
-    """Turn an inference output into SEG/SR datasets and the values to record."""
+    """Turn an inference output into SEG/SR datasets and the values to record (timed into ``timer``)."""
+    timer = timer if timer is not None else StageTimer()
     manifest = package.manifest
     series_number = 9000 + 10 * (job_id % 100)
     files: list[ResultFile] = []
@@ -136,16 +147,18 @@ def make_results(
     if manifest.task == "segmentation":
         assert output.label_map is not None and volume_spacing is not None
         seg_series, seg_instance = result_uids(series_uid, package, "SEG")
-        seg = build_seg(
-            datasets,
-            output.label_map,
-            manifest,
-            series_instance_uid=seg_series,
-            sop_instance_uid=seg_instance,
-            series_number=series_number + 1,
-        )
+        with timer.stage("seg_build"):
+            seg = build_seg(
+                datasets,
+                output.label_map,
+                manifest,
+                series_instance_uid=seg_series,
+                sop_instance_uid=seg_instance,
+                series_number=series_number + 1,
+            )
         files.append(ResultFile("SEG", seg, result_relpath(job_id, "SEG", seg_instance)))
-        volumes = segment_volumes_ml(output.label_map, volume_spacing, manifest.labels)
+        with timer.stage("postprocess"):
+            volumes = segment_volumes_ml(output.label_map, volume_spacing, manifest.labels)
         measurements = [
             SegmentMeasurement(segment_number=number, label=label, volume_ml=volumes.get(label.value, 0.0))
             for number, label in enumerate(manifest.labels, start=1)
@@ -163,17 +176,18 @@ def make_results(
                 positive = probability >= manifest.threshold
             findings.append(ClassificationFinding(class_label=class_label, probability=probability, positive=positive))
     sr_series, sr_instance = result_uids(series_uid, package, "SR")
-    sr = build_sr(
-        datasets,
-        manifest,
-        seg=seg,
-        measurements=measurements,
-        findings=findings,
-        series_instance_uid=sr_series,
-        sop_instance_uid=sr_instance,
-        series_number=series_number + 2,
-        totals=totals,
-    )
+    with timer.stage("sr_build"):
+        sr = build_sr(
+            datasets,
+            manifest,
+            seg=seg,
+            measurements=measurements,
+            findings=findings,
+            series_instance_uid=sr_series,
+            sop_instance_uid=sr_instance,
+            series_number=series_number + 2,
+            totals=totals,
+        )
     files.append(ResultFile("SR", sr, result_relpath(job_id, "SR", sr_instance)))
     return JobResult(files=files, measurements=measurements, findings=findings, totals=totals)
 
@@ -185,35 +199,43 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def compute(ctx: WorkerContext, job_id: int) -> JobResult:
-    """Load, infer and build the result objects of one job (no SQL writes)."""
-    with ctx.factory() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise NotFound(f"Job {job_id} does not exist.")
-        series = session.get(Series, job.series_id)
-        assert series is not None
-        package = ctx.package(job.model_id)
-        datasets = load_series(ctx.settings, session, series.id)
-        series_uid = series.series_instance_uid
+    """Load, infer and build the result objects of one job (no SQL writes), timing each stage."""
+    timer = StageTimer()
+    with timer.stage("load"):
+        with ctx.factory() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"Job {job_id} does not exist.")
+            series = session.get(Series, job.series_id)
+            assert series is not None
+            package = ctx.package(job.model_id)
+            series_id, series_uid = series.id, series.series_instance_uid
+            paths = session.scalars(select(Instance.path).where(Instance.series_id == series_id)).all()
+        datasets = read_instances(ctx.settings, series_id, paths)  # the connection is back in the pool
     if package.manifest.input == "header_features":
         # Header-only models need no pixels: no volume, so no geometry checks either.
         datasets.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
-        probabilities = classify_from_headers(datasets, package, ctx.runner)
+        with timer.stage("preprocess"):  # header features; the network's call counts as "onnx"
+            probabilities = classify_from_headers(datasets, package, timed(ctx.runner, timer))
         output = InferenceOutput(label_map=None, probabilities=probabilities)
-        result = make_results(job_id, series_uid, datasets, package, output, None)
+        result = make_results(job_id, series_uid, datasets, package, output, None, timer)
     else:
-        volume = load_volume(datasets, max_voxels=ctx.settings.max_volume_voxels)
-        output = infer(volume, package, ctx.runner)
-        result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing)
+        with timer.stage("load"):
+            volume = load_volume(datasets, max_voxels=ctx.settings.max_volume_voxels)
+        output = infer(volume, package, ctx.runner, timer)
+        result = make_results(job_id, series_uid, volume.datasets, package, output, volume.spacing, timer)
         labels, findings = package.manifest.labels, result.findings
-        result = replace(result, preview=try_render_preview(job_id, volume, output.label_map, labels, findings))
-    for item in result.files:
-        replace_file(ctx.settings.data_path, item.relpath, _encode(item.dataset))
-    return result
+        with timer.stage("preview"):
+            result = replace(result, preview=try_render_preview(job_id, volume, output.label_map, labels, findings))
+    with timer.stage("write"):
+        for item in result.files:
+            replace_file(ctx.settings.data_path, item.relpath, _encode(item.dataset))
+    return replace(result, timings=timer.as_dict())
 
 
 def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, result: JobResult) -> JobOutcome | None:
-    """Store rows of a finished computation; None if this worker no longer holds the job."""
+    """Store rows of a finished computation and its ``timings``; None if this worker no longer holds the job."""
+    began = time.perf_counter()
     destinations = [str(d) for d in ctx.settings.pacs]
     state = JobState.exporting if destinations else JobState.done
     now = utcnow()
@@ -295,6 +317,8 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
                 )
             else:  # a rerun replaced the object: deliver it again
                 export.state, export.next_attempt_at = ExportState.pending, None
+    timings = merged(result.timings, {"record": time.perf_counter() - began})  # the commit is not counted
+    session.execute(update(Job).where(Job.id == job_id).values(timings=timings))
     return JobOutcome.exporting if destinations else JobOutcome.done
 
 
@@ -358,8 +382,9 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
             log.info("job %d: not claimable, message dropped", job_id)
             return JobOutcome.skipped, None
         job = session.get(Job, job_id)
-        assert job is not None
+        assert job is not None and job.started_at is not None
         attempt, model_id = job.attempts, job.model_id
+        queue_wait = max(0.0, (job.started_at - job.queued_at).total_seconds())
         if attempt > settings.job_max_attempts:
             # Every attempt ended without an outcome: its worker died (a model that crashes the
             # process, the OOM killer) or it outlived its lease. Redelivering would loop forever.
@@ -394,6 +419,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
                 only_from=JobState.running,
             )
         return (JobOutcome.failed, None) if final else (JobOutcome.retry, min(60.0, 2.0**attempt))
+    result = replace(result, timings={"queue_wait": round(queue_wait, 6), **result.timings})
     with ctx.factory() as session, session.begin():
         outcome = record(session, ctx, job_id, attempt, result)
     if outcome is None:

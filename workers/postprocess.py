@@ -176,6 +176,10 @@ def classification_probabilities(
     return np.clip(values.astype(np.float64), 0.0, 1.0)
 
 
+#: Voxels counted at a time by :func:`segment_volumes_ml` (an 8 MB int64 copy).
+_COUNT_CHUNK = 1 << 20
+
+
 def segment_volumes_ml(
     label_map: np.ndarray, spacing: tuple[float, float, float], labels: Iterable[SegmentLabel | int]
 ) -> dict[int, float]:
@@ -201,5 +205,10 @@ def segment_volumes_ml(
         raise ValueError(f'Argument "spacing" should hold 3 positive numbers, not {spacing}.')
     values = [label.value if isinstance(label, SegmentLabel) else int(label) for label in labels]
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(label_map.ravel(), minlength=max(values, default=0) + 1) if label_map.size else np.zeros(1)
+    # Counted a chunk at a time: np.bincount copies its input to int64 first, which for a whole
+    # 200 x 512^2 map is 420 MB of fresh memory and took 0.5-0.9 s in a worker process.
+    flat = label_map.reshape(-1)
+    counts = np.zeros(max(values, default=0) + 1, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_CHUNK):
+        counts += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=counts.size)[: counts.size]
     return {value: float(counts[value]) * voxel_ml if value < counts.size else 0.0 for value in values}

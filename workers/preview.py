@@ -256,7 +256,9 @@ def render_preview(
     image = _draw_text_box(image, _fit_lines(lines, size[0], _line_height(ImageFont.load_default())[0]))
     image = _draw_text_box(image, [(f"slice {index + 1}/{slices}", None)], bottom=True)
     buffer = BytesIO()
-    image.save(buffer, format="PNG", optimize=True)  # no pnginfo: the file holds no text chunks
+    # No pnginfo: the file holds no text chunks. zlib's default level, not optimize=True: that took
+    # 0.3 s for a 512-pixel preview, on the way of every job's results to the PACS, for 15 % less.
+    image.save(buffer, format="PNG")
     return Preview(png=buffer.getvalue(), slice_index=index)
 
 

@@ -96,6 +96,30 @@ def resolve_providers(requested: list[str], available: list[str] | None = None) 
     return [*resolved, CPU_PROVIDER]
 
 
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """The options of every session the worker creates (``benchmarks/inference.py`` measures these).
+
+    Parameters
+    ----------
+    intra_op_threads : int
+        Threads for one operator; 0 leaves ONNX Runtime's default (one per physical core).
+
+    All graph optimisations are on (``ORT_ENABLE_ALL``, ONNX Runtime's default, set here so that it
+    is explicit): constant folding, operator fusions (e.g. Conv + Relu) and, on CPU, the NCHWc layout
+    for 2-D convolutions. Sessions are built from the original file each time rather than from a
+    saved optimised copy: such a copy is specific to the CPU it was made on, and loading saves
+    little (see ``benchmarks/README.md``).
+    """
+    if not isinstance(intra_op_threads, int) or intra_op_threads < 0:
+        raise ValueError('Argument "intra_op_threads" should be 0 or a positive integer.')
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    return options
+
+
 def zipmap_to_array(rows: list[dict[Any, float]], manifest: ModelManifest) -> np.ndarray:
     """``(N, C)`` float32 probabilities from a ZipMap output (one ``{label: probability}`` per input).
 
@@ -128,6 +152,15 @@ class OnnxRunner:
     intra_op_threads : int
         Threads per session for one operator; 0 lets ONNX Runtime choose (all cores). Set it when
         several worker processes share a machine, so they do not oversubscribe the cores.
+
+    Notes
+    -----
+    GPU providers never stop a CPU-only worker: ``"auto"`` takes none where the installed ONNX
+    Runtime lacks them, an explicitly named provider that is not available is skipped with a
+    warning (:func:`resolve_providers`), and one that is listed but cannot start (onnxruntime-gpu
+    without a usable driver or TensorRT libraries) is dropped by ONNX Runtime when the session is
+    created, which is logged as a warning; the model then runs on the CPU provider, always last.
+    :meth:`providers_in_use` tells what a session really got.
     """
 
     def __init__(self, providers: list[str], intra_op_threads: int = 0) -> None:
@@ -176,15 +209,16 @@ class OnnxRunner:
                 return entry[1]
             if not path.is_file():
                 raise NotFound(f"Model file {path} is missing.")
-            options = ort.SessionOptions()
-            options.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
-            if self._intra_op_threads:
-                options.intra_op_num_threads = self._intra_op_threads
+            options = session_options(self._intra_op_threads)
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
             except Exception as exc:  # onnxruntime raises its own pybind exception types
                 raise ModelFailed(f"ONNX Runtime cannot load {what}: {exc}") from exc
-            log.info("loaded %s %s on %s", key, version, ",".join(session.get_providers()))
+            in_use = session.get_providers()
+            log.info("loaded %s %s on %s", key, version, ",".join(in_use))
+            if dropped := [name for name in self._providers if name not in in_use]:
+                # e.g. onnxruntime-gpu without a usable driver: ONNX Runtime warns and carries on with the rest
+                log.warning("%s runs without %s, which ONNX Runtime could not start", what, ",".join(dropped))
             self._sessions[key] = (sha256, session)
             return session
 

@@ -11,6 +11,7 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     DateTime,
     Enum,
@@ -196,6 +197,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(_TS)
     lease_until: Mapped[datetime | None] = mapped_column(_TS)
     updated_at: Mapped[datetime] = mapped_column(_TS, default=utcnow, onupdate=utcnow)
+    timings: Mapped[dict[str, float] | None] = mapped_column(
+        JSON, doc="Seconds per stage of the last attempt (load, onnx, ..., export), written by the worker."
+    )
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     findings: Mapped[list[Finding]] = relationship(back_populates="job", cascade="all, delete-orphan")

@@ -9,8 +9,10 @@ coarse 3D U-Net that finds the brain on a 128^3 version of the whole head, and `
 segments the brain in the cropped box at 256^3. Both end with a softmax over two channels
 (background, brain). This script exports both with the TorchScript-based exporter (``dynamo=False``,
 opset 17) at fixed input shapes, rewrites their instance normalisations into numerically accurate
-steps (:func:`precise_instance_norm`), checks ONNX Runtime against TorchScript on the same inputs (printing
-the largest absolute difference of each), and writes ``manifest.json`` with the SHA-256 of both files.
+steps (:func:`precise_instance_norm`) and their final two-class softmax into a sigmoid that ONNX Runtime
+runs far faster (:func:`two_class_softmax_as_sigmoid`), checks ONNX Runtime against TorchScript on the
+same inputs (printing the largest absolute difference of each), and writes ``manifest.json`` with the
+SHA-256 of both files.
 The manifest's preprocessing reproduces deepbet's ``BrainExtraction.run_model`` (see
 ``workers/roi.py``).
 """
@@ -22,16 +24,17 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from deepbet.utils import DATA_PATH
-from onnx import helper, numpy_helper
 
 from infergate.manifest import ModelManifest
+
+if TYPE_CHECKING:  # onnx is imported where it is used, so benchmarks/inference.py can use this module without it
+    import onnx
 
 HERE = Path(__file__).resolve().parent
 MODEL_ID = HERE.name
@@ -70,6 +73,9 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     centred values: the difference to PyTorch fell to the float32 rounding level, and the network ran
     faster too. ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``, as ONNX defines it.
     """
+    import onnx
+    from onnx import helper, numpy_helper
+
     graph = model.graph
     constants = {
         node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.node if node.op_type == "Constant"
@@ -112,8 +118,51 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def two_class_softmax_as_sigmoid(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace the final two-channel ``Softmax`` by a ``Sigmoid``, folding the channel difference into the layer before.
+
+    For two classes ``softmax(z)_1 = sigmoid(z_1 - z_0)`` and ``softmax(z)_0 = sigmoid(z_0 - z_1)``, and the
+    differences are linear in the weights of the (transposed) convolution that makes ``z``: it is given the
+    weights ``w_0 - w_1`` and ``w_1 - w_0`` (biases likewise, differences taken in float64), and the
+    ``Softmax`` becomes an element-wise ``Sigmoid``; the output is the same two probabilities up to
+    rounding. ONNX Runtime's CPU ``Softmax`` over the channel axis of a ``(1, 2, 256, 256, 256)`` tensor
+    moves the channels last and normalises 16.8 million rows of two values: it took 1.1 s of the
+    network's 2.2 s (profiled with onnxruntime 1.32 on 2 cores), the ``Sigmoid`` takes 8 ms.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    (softmax,) = [node for node in graph.node if node.op_type == "Softmax"]
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    (producer,) = [node for node in graph.node if softmax.input[0] in node.output]
+    users = [node for node in graph.node if softmax.input[0] in node.input]
+    groups = next((a.i for a in producer.attribute if a.name == "group"), 1)
+    if axis != 1 or producer.op_type not in ("Conv", "ConvTranspose") or len(users) != 1 or groups != 1:
+        raise SystemExit(f"unexpected {producer.op_type} -> Softmax(axis={axis}) with {len(users)} users")
+    initializers = {init.name: init for init in graph.initializer}
+    weight_name, bias_name = producer.input[1], producer.input[2]
+    if sum(name in (weight_name, bias_name) for node in graph.node for name in node.input) != 2:
+        raise SystemExit("the last layer's weights are shared with another node")
+    weight = numpy_helper.to_array(initializers[weight_name]).astype(np.float64)
+    bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64)
+    channel_axis = 1 if producer.op_type == "ConvTranspose" else 0  # ConvTranspose: (C_in, C_out, k...)
+    if weight.shape[channel_axis] != 2:
+        raise SystemExit(f"the Softmax is over {weight.shape[channel_axis]} channels, not 2")
+    w0, w1 = np.take(weight, 0, axis=channel_axis), np.take(weight, 1, axis=channel_axis)
+    differences = np.stack([w0 - w1, w1 - w0], axis=channel_axis).astype(np.float32)
+    initializers[weight_name].CopyFrom(numpy_helper.from_array(differences, weight_name))
+    initializers[bias_name].CopyFrom(
+        numpy_helper.from_array(np.array([bias[0] - bias[1], bias[1] - bias[0]], dtype=np.float32), bias_name)
+    )
+    softmax.op_type = "Sigmoid"
+    del softmax.attribute[:]
+    return model
+
+
 def export(source: Path, target: Path, size: int) -> tuple[float, float, float]:
     """Export one network; returns (max abs difference, TorchScript seconds, ONNX Runtime seconds)."""
+    import onnx
+
     model = torch.jit.load(str(source), map_location="cpu").eval()
     example = torch.from_numpy(example_input(size))
     with warnings.catch_warnings():
@@ -127,7 +176,9 @@ def export(source: Path, target: Path, size: int) -> tuple[float, float, float]:
             input_names=["input"],
             output_names=["output"],
         )
-    onnx.save(precise_instance_norm(onnx.load(str(target))), str(target))
+    rewritten = two_class_softmax_as_sigmoid(precise_instance_norm(onnx.load(str(target))))
+    onnx.checker.check_model(rewritten)
+    onnx.save(rewritten, str(target))
     start = time.perf_counter()
     with torch.no_grad():
         reference = model(example).numpy()

@@ -101,6 +101,10 @@ class JobDetail(JobSummary):
     preview_url: str | None = Field(
         description="PNG of the key slice with the result drawn on it; null until the job has one."
     )
+    timings: dict[str, float] | None = Field(
+        description="Seconds per stage of the last attempt that produced results: queue_wait, load, preprocess, "
+        "onnx, postprocess, seg_build, sr_build, preview, write, record, then export once sent; null before."
+    )
 
 
 class JobRequest(BaseModel):

@@ -84,6 +84,7 @@ def detail(request: Request, job: Job, previews: set[int]) -> JobDetail:
         measurements=[MeasurementOut.model_validate(m) for m in job.measurements],
         result_objects=objects,
         preview_url=public_url(request, "get_job_preview", job_id=str(job.id)) if job.id in previews else None,
+        timings=job.timings,
     )
 
 
