@@ -191,19 +191,21 @@ class NodeReceiver(Receiver):
         if upgrade.returncode:
             raise RuntimeError(f"infergate db upgrade failed:\n{upgrade.stderr[-3000:]}")
         command = ["scp", "--no-watcher"] if self.kind == "dimse" else ["api"]
-        self._process = NodeProcess(command, env, folder / f"{command[0]}.log").start()
+        log = folder / f"{command[0]}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self._process = NodeProcess(command, env, log).start()
         if self.kind == "stow":
             wait_for_http(f"http://{LOOPBACK}:{self.port}/health", timeout=60)
         else:
-            self._wait_listening(60)
+            self._wait_listening(offset, 60)
         return self
 
-    def _wait_listening(self, timeout: float) -> None:
+    def _wait_listening(self, offset: int, timeout: float) -> None:
         """Wait for the SCP's "listening on" line: a probe connection would hold an association slot
         until its ARTIM timer expires, and stopping the SCP would then wait out its drain period."""
         assert self._process is not None and self._process.process is not None
         deadline = time.monotonic() + timeout
-        while "listening on" not in self._process.log_text():
+        while "listening on" not in self._process.log_text()[offset:]:
             if self._process.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"infergate scp did not start:\n{self._process.log_text()[-3000:]}")
             time.sleep(0.05)

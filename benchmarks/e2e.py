@@ -251,6 +251,7 @@ def run_throughput(
                 "cpu_s": cpu,
                 "cpu_window_s": round(window, 2),
                 "cpu_busy": round(sum(cpu.values()) / (window * (os.cpu_count() or 1)), 3),
+                "timeline": _timeline(jobs, first_job),
             }
         )
         sys.stderr.write(f"  throughput, {count} worker(s): {out[-1]['studies_per_min']} studies/min\n")
@@ -260,6 +261,26 @@ def run_throughput(
         item["ratio"] = round(item["studies_per_min"] / base, 3) if base else None
         item["judged"] = 1 < item["workers"] <= cores and base is not None
         item["pass"] = (item["ratio"] >= SCALING_TARGET * item["workers"]) if item["judged"] else None
+    return out
+
+
+def _timeline(jobs: Sequence[dict[str, Any]], origin: float) -> list[dict[str, Any]]:
+    """Per job, seconds from ``origin``: created, started, computed (started + worker stages), done."""
+    out = []
+    for job in sorted(jobs, key=lambda item: epoch(item["started_at"])):
+        timings = job["timings"]
+        work = sum(float(timings.get(stage, 0.0)) for stage in WORK_STAGES if stage != "export")
+        started = epoch(job["started_at"]) - origin
+        out.append(
+            {
+                "model_id": job["model_id"],
+                "created": round(epoch(job["created_at"]) - origin, 3),
+                "started": round(started, 3),
+                "computed": round(started + work, 3),
+                "done": round(epoch(job["finished_at"]) - origin, 3),
+                "export_s": round(float(timings.get("export", 0.0)), 3),
+            }
+        )
     return out
 
 
@@ -417,7 +438,8 @@ def versions(pacs: Orthanc) -> dict[str, str]:
         "sqlalchemy": sqlalchemy.__version__,
         "orthanc": str(pacs.get_json("/system").get("Version", "unknown")),
         "dcmtk": storescu[0] if storescu else "unknown",
-        "infergate_commit": run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "unknown",
+        "infergate_commit": (run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) or "unknown")
+        + ("+changes" if run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]) else ""),
     }
 
 

@@ -218,6 +218,9 @@ def measure(
             except ImportError as exc:
                 rows.append(base | {"skipped": f"fp16 conversion needs onnx (the export extra): {exc}"})
                 continue
+            except Exception as exc:  # e.g. ai.onnx.ml operators the converter does not handle
+                rows.append(base | {"skipped": f"fp16 conversion failed: {exc}"})
+                continue
         providers = provider_options(config, workdir)
         memory_before = gpu_memory_mib()
         start = time.perf_counter()

@@ -666,6 +666,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 warm-up, 1 repetition, worker settings, all cores")
     parser.add_argument("--profile", action="store_true", help="also profile ONNX Runtime and torch per network")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of inference.jsonl")
+    parser.add_argument("--note", default="", help="free text kept in the record (e.g. what was changed)")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     if args.quick:
@@ -742,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "benchmark": "inference",
         "date": started.isoformat(timespec="seconds"),
+        "note": args.note,
+        "models_sha256": {m: load_package(MODELS_DIR / m, verify_hash=False).manifest.sha256 for m in args.models},
         "machine": host | {"load_average_end": list(os.getloadavg())},
         "versions": versions(),
         "settings": {
