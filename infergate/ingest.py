@@ -14,11 +14,16 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.dicom.storage import (
@@ -86,8 +91,13 @@ def ingest_instance(
         Storage or database unavailable; nothing was indexed and no file of ours is left behind.
     """
     relpath = instance_relpath(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-    with factory() as session:
-        first = _first_copy(session, header.sop_instance_uid)
+    first = None
+    if not resolve_inside(data_root, relpath.parent).is_dir():
+        # Taking the lock creates the series folder: a repeated copy that claims another series
+        # must not leave an empty folder of that series behind, so look before creating it. Into
+        # an existing folder (every instance but a series' first), one look-up under the lock does.
+        with factory() as session:
+            first = _first_copy(session, header.sop_instance_uid)
     if first is None:
         with folder_lock(data_root, relpath.parent):
             with factory() as session:
@@ -107,13 +117,18 @@ class _FirstCopy:
     series_instance_uid: str
 
 
+_FIRST_COPY = (
+    select(Instance.id, Instance.path, Study.study_instance_uid, Series.series_instance_uid)
+    .join(Series, Instance.series_id == Series.id)
+    .join(Study, Series.study_id == Study.id)
+    .where(Instance.sop_instance_uid == bindparam("sop_instance_uid"))
+)
+"""Built once: constructing a statement per instance costs more than running it (SQLAlchemy caches
+the compiled form either way)."""
+
+
 def _first_copy(session: Session, sop_instance_uid: str) -> _FirstCopy | None:
-    row = session.execute(
-        select(Instance.id, Instance.path, Study.study_instance_uid, Series.series_instance_uid)
-        .join(Series, Instance.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
+    row = session.execute(_FIRST_COPY, {"sop_instance_uid": sop_instance_uid}).first()
     return None if row is None else _FirstCopy(row[0], row[1], row[2], row[3])
 
 
@@ -136,8 +151,7 @@ def _store_first_copy(
         if not store_new_file(data_root, relpath, encoded):
             raise RuntimeError("An instance file reappeared while its series folder was locked.")
     try:
-        with factory() as session, session.begin():
-            inserted = _index(session, header, relpath, encoded, calling_ae=calling_ae, called_ae=called_ae)
+        inserted = _index_committed(factory, header, relpath, encoded, calling_ae=calling_ae, called_ae=called_ae)
     except BaseException:
         # Nothing was acknowledged: no file without a row. Should the commit have reached the
         # database after all, the sender's retry finds the row and restores the file.
@@ -236,8 +250,72 @@ def _file_digest(path: Path, expected_size: int) -> str | None:
     return sha.hexdigest()
 
 
-def _index(
-    session: Session,
+class _StaleSeriesId(Exception):
+    """A remembered series id no longer names that series (its row was deleted)."""
+
+
+class _SeriesIds:
+    """Series row ids this process has committed instances to, most recent first.
+
+    Every instance of a series after its first then needs two statements (insert the instance,
+    count it) instead of six: the study and series rows exist and their ids are known. An id is
+    only remembered after a commit that used it, and the count's ``WHERE`` names the series UID as
+    well as the id, so an id whose row was deleted (or reused) is noticed, forgotten and the
+    instance indexed the long way in a new transaction.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._ids: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, study_uid: str, series_uid: str) -> int | None:
+        with self._lock:
+            series_id = self._ids.get((study_uid, series_uid))
+            if series_id is not None:
+                self._ids.move_to_end((study_uid, series_uid))
+            return series_id
+
+    def put(self, study_uid: str, series_uid: str, series_id: int) -> None:
+        with self._lock:
+            self._ids[(study_uid, series_uid)] = series_id
+            self._ids.move_to_end((study_uid, series_uid))
+            while len(self._ids) > self._capacity:
+                self._ids.popitem(last=False)
+
+    def forget(self, study_uid: str, series_uid: str) -> None:
+        with self._lock:
+            self._ids.pop((study_uid, series_uid), None)
+
+
+_series_ids: weakref.WeakKeyDictionary[sessionmaker[Session], _SeriesIds] = weakref.WeakKeyDictionary()
+_series_ids_lock = threading.Lock()
+
+
+def _series_ids_of(factory: sessionmaker[Session]) -> _SeriesIds:
+    """One cache per session factory (per database), for as long as the factory lives."""
+    with _series_ids_lock:
+        ids = _series_ids.get(factory)
+        if ids is None:
+            ids = _series_ids[factory] = _SeriesIds()
+        return ids
+
+
+_INSERT_INSTANCE = {
+    name: module.insert(Instance)
+    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    .returning(Instance.id)
+    for name, module in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+_COUNT_INSTANCE = (
+    update(Series)
+    .where(Series.id == bindparam("series_id"), Series.series_instance_uid == bindparam("series_uid"))
+    .values(num_instances=Series.num_instances + 1, last_received_at=bindparam("now"))
+)
+
+
+def _index_committed(
+    factory: sessionmaker[Session],
     header: InstanceHeader,
     relpath: Path,
     encoded: FileData,
@@ -245,6 +323,49 @@ def _index(
     calling_ae: str | None,
     called_ae: str | None,
 ) -> bool:
+    """Index the stored file and commit; True if a new Instance row was inserted."""
+    ids = _series_ids_of(factory)
+    size = len(encoded) if isinstance(encoded, bytes) else sum(memoryview(c).nbytes for c in encoded)
+    known = ids.get(header.study_instance_uid, header.series_instance_uid)
+    if known is not None:
+        try:
+            with factory() as session, session.begin():
+                return _index_known_series(session, header, relpath, size, known)
+        except (_StaleSeriesId, IntegrityError):
+            ids.forget(header.study_instance_uid, header.series_instance_uid)
+            log.info("series row %d is gone; indexing the instance the long way", known)
+    with factory() as session, session.begin():
+        series_id, inserted = _index(session, header, relpath, size, calling_ae=calling_ae, called_ae=called_ae)
+    ids.put(header.study_instance_uid, header.series_instance_uid, series_id)
+    return inserted
+
+
+def _index_known_series(session: Session, header: InstanceHeader, relpath: Path, size: int, series_id: int) -> bool:
+    """The fast path: the study and series rows exist; insert and count the instance."""
+    dialect = session.get_bind().dialect.name
+    statement = _INSERT_INSTANCE["postgresql" if dialect == "postgresql" else "sqlite"]
+    values = _instance_values(header, series_id, relpath, size)
+    if session.execute(statement, values).first() is None:
+        return False  # the SOP Instance UID is indexed already
+    counted = session.execute(
+        _COUNT_INSTANCE,
+        {"series_id": series_id, "series_uid": header.series_instance_uid, "now": values["received_at"]},
+    )
+    if counted.rowcount != 1:  # type: ignore[attr-defined]
+        raise _StaleSeriesId(series_id)
+    return True
+
+
+def _index(
+    session: Session,
+    header: InstanceHeader,
+    relpath: Path,
+    size: int,
+    *,
+    calling_ae: str | None,
+    called_ae: str | None,
+) -> tuple[int, bool]:
+    """The first instance of a series in this process: create or find the study and series rows."""
     study_id = get_or_create_study(session, header.study_instance_uid, **_study_values(header))
     series_id = get_or_create_series(
         session,
@@ -254,13 +375,12 @@ def _index(
         calling_ae=calling_ae,
         called_ae=called_ae,
     )
-    size = len(encoded) if isinstance(encoded, bytes) else sum(memoryview(c).nbytes for c in encoded)
     inserted = insert_ignore(
         session, Instance, _instance_values(header, series_id, relpath, size), conflict_columns=["sop_instance_uid"]
     )
     if inserted:
         _count_instance(session, series_id)
-    return inserted
+    return series_id, inserted
 
 
 def index_result_object(session: Session, header: InstanceHeader, relpath: Path, size: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -54,9 +55,18 @@ def result_relpath(job_id: int, kind: str, sop_instance_uid: str) -> Path:
     return Path("results", str(int(job_id)), f"{kind}-{check_uid(sop_instance_uid, 'sop_instance_uid')}.dcm")
 
 
+@functools.lru_cache(maxsize=32)
+def _resolved_root(root: Path) -> Path:
+    return root.resolve()
+
+
 def resolve_inside(root: Path, relpath: Path | str) -> Path:
-    """``root / relpath``, refusing anything that would leave ``root``."""
-    root = root.resolve()
+    """``root / relpath``, refusing anything that would leave ``root``.
+
+    An absolute data folder is resolved once per process (its symlinks are the operator's, set
+    before the node starts); what lies below it is resolved on every call.
+    """
+    root = _resolved_root(root) if root.is_absolute() else root.resolve()
     path = (root / relpath).resolve()
     if root != path and root not in path.parents:
         raise InvalidInput("Path leaves the data folder.")

@@ -89,6 +89,11 @@ def quiet_series_ids(session: Session, cutoff: datetime) -> list[int]:
     return list(session.scalars(stmt.order_by(Series.last_received_at)))
 
 
+def oldest_receiving_at(session: Session) -> datetime | None:
+    """When the least recently fed series still receiving got its last instance (None if none)."""
+    return session.scalar(select(func.min(Series.last_received_at)).where(Series.state == SeriesState.receiving))
+
+
 def claim_series(session: Session, series_id: int, cutoff: datetime, state: SeriesState, note: str) -> bool:
     """Move a quiet series out of ``receiving`` exactly once, even with several watchers."""
     result = session.execute(

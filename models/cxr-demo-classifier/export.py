@@ -157,11 +157,12 @@ def zone_means_as_reductions(path: Path) -> None:
     """Rewrite the exported ``AveragePool`` over the zones as two reshapes and two ``ReduceMean`` nodes.
 
     The same means, taken in two steps: over the ``SIZE // GRID`` rows of each band of zones, then over
-    the columns of each zone (float32 results differ from the pooled ones by rounding, 4e-07 on the logits).
-    ONNX Runtime's CPU ``AveragePool`` works through a one-channel image on one thread and took 20 of the
-    model's 27 us per call (onnxruntime 1.32, 2 cores; torch's eager ``avg_pool2d`` uses both cores and
-    ran the whole model in 21 us); the reductions run in about 1 us each (8 us per call in all, most of it
-    the fixed cost of a call). See ``benchmarks/README.md``.
+    the columns of each zone (float32 results differ from the pooled ones by rounding, about 1e-06 on the
+    logits).
+    ONNX Runtime's CPU ``AveragePool`` works through a one-channel image on one thread and took about 20
+    of the model's 27 us per call (onnxruntime 1.32, 2 cores; torch's eager ``avg_pool2d`` uses both cores
+    and ran the whole model in 21-24 us); with the reductions a call takes 9 us, of which about 8 us is
+    the fixed cost of any ONNX Runtime call. See ``benchmarks/README.md``.
     """
     import onnx
     from onnx import helper, numpy_helper

@@ -17,6 +17,7 @@ from pathlib import Path
 import highdicom as hd
 import pytest
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import DigitalXRayImageStorageForPresentation, MRImageStorage
 
 from benchmarks._data import ct_series, label_map, manifest_with_labels
@@ -84,8 +85,9 @@ def _encoded(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def test_the_report_is_byte_for_byte_what_highdicoms_image_library_gives(monkeypatch: pytest.MonkeyPatch) -> None:
-    """build_sr adds the Image Library after construction; passing it to MeasurementReport gives the same file."""
+def test_the_report_is_byte_for_byte_highdicoms_around_the_image_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_sr adds the Image Library after construction; with highdicom's own library in its place,
+    the file is the one MeasurementReport(referenced_images=...) gives."""
     sources, manifest = ct_series(9, 16), manifest_with_labels(3)
     seg = build_seg(
         sources, label_map(9, 16, 3), manifest, series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4", series_number=1
@@ -104,6 +106,7 @@ def test_the_report_is_byte_for_byte_what_highdicoms_image_library_gives(monkeyp
             series_number=2,
         )
 
+    monkeypatch.setattr(sr_module, "_image_library", lambda entries: hd.sr.ImageLibrary(entries)[0])
     fast = build()
     # the straightforward way: highdicom's own Image Library, made by MeasurementReport
     entries = [sr_module._library_entry(ds) for ds in sources]
@@ -114,6 +117,18 @@ def test_the_report_is_byte_for_byte_what_highdicoms_image_library_gives(monkeyp
 
     assert _encoded(fast) == _encoded(straightforward)
     assert fast.content == straightforward.content  # highdicom's parsed view holds the library too
+
+
+def _descriptors_per_image(library: Dataset) -> list[tuple[str, list[str]]]:
+    """(SOP Instance UID, its descriptors: its group's and its own, each as sorted JSON), sorted."""
+    described = []
+    for group in library.ContentSequence:
+        shared = [item for item in group.ContentSequence if item.ValueType != "IMAGE"]
+        for image in (item for item in group.ContentSequence if item.ValueType == "IMAGE"):
+            items = [*shared, *image.get("ContentSequence", [])]
+            uid = image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            described.append((uid, sorted(json.dumps(item.to_json_dict(), sort_keys=True) for item in items)))
+    return sorted(described)
 
 
 def _mixed_sources() -> list[Dataset]:
@@ -138,6 +153,22 @@ def _mixed_sources() -> list[Dataset]:
     return [*sources, dx, cr, sources[1]]  # an image listed twice stays listed twice, as in highdicom
 
 
-def test_image_library_equals_highdicoms_for_mixed_sources() -> None:
+def test_each_image_is_described_as_highdicom_describes_it_for_mixed_sources() -> None:
+    """Group-level plus per-image descriptors give each image exactly highdicom's 16 (or fewer) items."""
     entries = [sr_module._library_entry(ds) for ds in _mixed_sources()]
-    assert sr_module._image_library(entries) == hd.sr.ImageLibrary(entries)[0]
+    ours, highdicoms = sr_module._image_library(entries), hd.sr.ImageLibrary(entries)[0]
+    assert _descriptors_per_image(ours) == _descriptors_per_image(highdicoms)
+    assert len(ours.ContentSequence) == 4  # CT, MR, DX and the stand-in CR each share their descriptors
+
+
+def test_an_axial_series_keeps_only_its_z_position_per_image() -> None:
+    entries = [sr_module._library_entry(ds) for ds in ct_series(20, 16)]
+    library = sr_module._image_library(entries)
+    (group,) = library.ContentSequence
+    images = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
+    assert len(images) == 20
+    assert all(len(image.ContentSequence) == 1 for image in images)
+    names = {image.ContentSequence[0].ConceptNameCodeSequence[0].CodeValue for image in images}
+    assert names == {codes.DCM.ImagePositionPatientZ.value}
+    assert len(group.ContentSequence) - len(images) == 15  # the other descriptors, said once
+    assert _descriptors_per_image(library) == _descriptors_per_image(hd.sr.ImageLibrary(entries)[0])

@@ -1,4 +1,4 @@
-"""The header values the node indexes for searching (infergate.ingest.InstanceHeader)."""
+"""Indexing received instances: the header values searched (InstanceHeader) and the rows written."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from infergate.ingest import InstanceHeader
+from infergate.config import Settings
+from infergate.ingest import IngestOutcome, InstanceHeader, ingest_instance
+from infergate.store.tables import Instance, Series
 from tests.data.make_series import write_mr_series
 
 
@@ -73,3 +77,45 @@ def test_acr_nema_dates_and_times_are_normalised(tmp_path: Path) -> None:
     ds[0x00080030] = RawDataElement(Tag(0x00080030), "TM", 8, b"10:15:00", 0, True, True)
     header = _header(ds)
     assert (header.study_date, header.study_time) == ("20250110", "101500")
+
+
+def _ingest_file(factory: sessionmaker[Session], settings: Settings, path: Path) -> IngestOutcome:
+    ds = dcmread(path)
+    return ingest_instance(
+        factory, settings.data_path, _header(ds), path.read_bytes(), calling_ae="MODALITY", called_ae="NODE"
+    )
+
+
+def test_instances_after_the_first_are_counted_once(
+    tmp_path: Path, db_settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """The remembered series id (two statements per instance) counts like the long way."""
+    info = write_mr_series(tmp_path / "in", slices=5, size=16)
+    outcomes = [_ingest_file(session_factory, db_settings, path) for path in info.paths]
+    outcomes.append(_ingest_file(session_factory, db_settings, info.paths[2]))  # a repeated copy
+    assert outcomes == [IngestOutcome.stored] * 5 + [IngestOutcome.duplicate]
+    with session_factory() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.num_instances == 5
+        assert session.scalar(select(func.count()).select_from(Instance)) == 5
+        assert {row.series_id for row in session.scalars(select(Instance))} == {series.id}
+
+
+def test_a_deleted_series_row_is_recreated_for_the_next_instance(
+    tmp_path: Path, db_settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A series id remembered from before its rows were deleted (retention, an operator) is not trusted."""
+    info = write_mr_series(tmp_path / "in", slices=3, size=16)
+    assert _ingest_file(session_factory, db_settings, info.paths[0]) is IngestOutcome.stored
+    with session_factory() as session, session.begin():
+        session.execute(delete(Instance))
+        session.execute(delete(Series))
+    assert _ingest_file(session_factory, db_settings, info.paths[1]) is IngestOutcome.stored
+    assert _ingest_file(session_factory, db_settings, info.paths[2]) is IngestOutcome.stored
+    with session_factory() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.num_instances == 2
+        paths = session.scalars(select(Instance.path)).all()
+        assert len(paths) == 2
+    for relpath in paths:
+        assert (db_settings.data_path / relpath).is_file()
