@@ -51,7 +51,7 @@ class Node:
     pacs: Orthanc
     layout: str = "embedded"
     quiet_seconds: float = 1.0
-    watcher_interval: float = 0.1
+    watcher_interval: float = 1.0
     pg_dsn: str | None = None
     scp_port: int = 0
     api_port: int = 0

@@ -257,6 +257,39 @@ class StoreScpReceiver(Receiver):
             self._process = None
 
 
+@dataclass
+class NullScpReceiver(Receiver):
+    """``benchmarks/_null_scp.py``: pynetdicom answering Success at once; the ceiling of a pynetdicom SCP."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def start(self, folder: Path) -> NullScpReceiver:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port, self.aet = free_port(), "NULLSCP"
+        script = Path(__file__).with_name("_null_scp.py")
+        with (folder / "null-scp.log").open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, str(script), str(self.port)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        while not _listening(self.pid, self.port):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the null SCP did not start: {(folder / 'null-scp.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+
 def _listening(pid: int, port: int) -> bool:
     """Whether something on this machine listens on TCP ``port`` (``/proc/net/tcp``, state 0A)."""
     wanted = f":{port:04X}"

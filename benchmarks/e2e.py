@@ -451,7 +451,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", default="ct,mr,cxr,throughput", help="Comma-separated: ct, mr, cxr, throughput.")
     parser.add_argument("--quiet", type=float, default=1.0, help="INFERGATE_SERIES_QUIET_SECONDS (default 1).")
     parser.add_argument(
-        "--watcher-interval", type=float, default=0.1, help="INFERGATE_WATCHER_INTERVAL_SECONDS (default 0.1)."
+        "--watcher-interval", type=float, default=1.0, help="INFERGATE_WATCHER_INTERVAL_SECONDS (default 1, shipped)."
     )
     parser.add_argument(
         "--throughput-quiet", type=float, default=5.0, help="Quiet period of the throughput node (default 5, shipped)."

@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:
 from benchmarks._peers import (  # noqa: E402 - after the repository root is importable
     Monitor,
     NodeReceiver,
+    NullScpReceiver,
     OrthancReceiver,
     Receiver,
     StoreScpReceiver,
@@ -66,7 +67,7 @@ from tests.data.make_series import write_ct_series  # noqa: E402
 
 #: Targets of issue 6 (DIMSE, one association, 512^2 series): same-run ratios of instances/s.
 TARGETS = (("node/orthanc", "orthanc", 1.5), ("node/storescp", "storescp", 0.5))
-REFERENCES = ("orthanc", "storescp", "storescp-sync")
+REFERENCES = ("orthanc", "storescp", "storescp-sync", "pynetdicom-null")
 METRICS = (
     ("inst_per_s", "inst/s"),
     ("mb_per_s", "MB/s"),
@@ -76,6 +77,8 @@ METRICS = (
     ("peak_rss_mb", "peak RSS MB"),
 )
 NOTES = [
+    "pynetdicom-null is pynetdicom (the node's DICOM library) with the node's network settings answering "
+    "Success at once and storing nothing: the ceiling of any SCP built on it on this machine.",
     "DIMSE sender: dcmtk storescu with TCP_NODELAY; latency = its own log timestamps from 'Sending Store Request' "
     "to 'Received Store Response' for each C-STORE; wall = first 'Requesting Association' to last response.",
     "storescp does NOT fsync (dcmtk has no option): it is the no-durability ceiling. storescp-sync runs "
@@ -129,6 +132,8 @@ def build_receivers(kind: str, args: argparse.Namespace) -> list[Receiver]:
             found.append(StoreScpReceiver("storescp", kind, note="no fsync"))
         if "storescp-sync" in wanted:
             found.append(StoreScpReceiver("storescp-sync", kind, fsync=True, note="sync(1) per file"))
+        if "pynetdicom-null" in wanted:
+            found.append(NullScpReceiver("pynetdicom-null", kind, note="answers at once, stores nothing"))
     if "orthanc" in wanted:
         found.append(OrthancReceiver("orthanc", kind))
     return found
@@ -374,7 +379,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="Folder of ingest.jsonl.")
     parser.add_argument("--phases", default="dimse,stow,memory", help="Comma-separated: dimse, stow, memory.")
     parser.add_argument(
-        "--receivers", default="node,storescp,storescp-sync,orthanc", help="Comma-separated subset of the receivers."
+        "--receivers",
+        default="node,storescp,storescp-sync,orthanc,pynetdicom-null",
+        help="Comma-separated subset of the receivers.",
     )
     parser.add_argument("--pg-url", help="Also run the node on PostgreSQL (a database per run is created here).")
     parser.add_argument(

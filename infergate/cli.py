@@ -49,10 +49,19 @@ def db_upgrade(settings: Settings) -> None:
 
 
 def cmd_up(settings: Settings) -> int:
-    """Run scp (with the watcher), api and worker as child processes until Ctrl-C or SIGTERM."""
+    """Run scp (with the watcher), api and worker as child processes until Ctrl-C or SIGTERM.
+
+    The metrics folder is emptied first: every process writing to it is a child of this one, and
+    the files of an earlier run's processes would otherwise be added to the new counts.
+    """
+    from infergate.metrics import wipe
+
     setup_logging(settings, "up")
     db_upgrade(settings)
-    env = dict(os.environ, INFERGATE_DATA_DIR=str(settings.data_path))
+    wipe(settings.metrics_path)
+    env = dict(
+        os.environ, INFERGATE_DATA_DIR=str(settings.data_path), INFERGATE_METRICS_DIR=str(settings.metrics_path)
+    )
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate import metrics
 from infergate.jobs import JobSender
 from infergate.manifest import ModelPackage
 from infergate.routing import RoutingRules, SeriesFacts
@@ -98,6 +99,7 @@ def complete_quiet_series(
         if result is None:
             continue
         routed.append(result)
+        metrics.series_completed()  # counted once committed: the claim makes it once per series
         log.info("series %d complete: models %s, jobs %s", series_id, result.models or "none", result.job_ids)
         for job_id in result.job_ids:
             try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from infergate.config_types import (  # noqa: F401 - re-exported: the one place to import settings from
@@ -165,8 +165,39 @@ class Settings(BaseSettings):
         description="Largest volume a worker builds (slices x rows x columns, 4 bytes each once decoded); a "
         "larger series fails its job before any pixel is decoded. The default fits 2000 slices of 1024 x 1024.",
     )
+    node_url: str | None = Field(
+        None,
+        description="Workers on other machines: the node API's base URL (scheme://host[:port][/prefix]). Set, the "
+        "worker fetches its input over WADO-RS and hands its SEG/SR back over HTTP instead of sharing DATA_DIR.",
+    )
+    node_api_key: SecretStr | None = Field(
+        None, description="The API key (X-API-Key) a worker sends to NODE_URL; its scopes should be `worker`."
+    )
+    node_timeout_seconds: float = Field(
+        60.0, gt=0, description="Longest wait for the node's answer (connecting, or each read of a transfer)."
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of every process.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects with job_id and a study hash (infergate/logs.py)."
+    )
+    log_salt: SecretStr | None = Field(
+        None,
+        description="Secret mixed into the study hash of JSON log lines; default a random salt kept in "
+        "DATA_DIR/log-salt. Set the same value on every machine whose logs should correlate.",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Folder where every process writes its Prometheus metrics (multiprocess mode); default "
+        "DATA_DIR/metrics. Local disk only: the files are memory-mapped.",
+    )
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of a worker's own Prometheus exporter (all interfaces, no authentication); 0: off. For "
+        "workers on other machines, whose metrics the API's /metrics does not see.",
+    )
 
     @field_validator(
         "allowed_calling_aes", "onnx_providers", "jwt_algorithms", "cors_origins", "scp_allowed_networks", mode="before"
@@ -234,6 +265,16 @@ class Settings(BaseSettings):
         url = urlsplit(value.strip())
         if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
             raise ValueError('Setting "public_base_url" should look like https://host[:port][/prefix].')
+        return value.strip().rstrip("/")
+
+    @field_validator("node_url")
+    @classmethod
+    def _node_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = urlsplit(value.strip())
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment or url.username:
+            raise ValueError('Setting "node_url" should look like https://host[:port][/prefix] (no credentials).')
         return value.strip().rstrip("/")
 
     @field_validator("pacs", mode="before")
@@ -365,6 +406,13 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @cached_property
+    def metrics_path(self) -> Path:
+        """Absolute folder of the Prometheus multiprocess files (see :mod:`infergate.metrics`)."""
+        if self.metrics_dir is None:
+            return self.data_path / "metrics"
+        return self.metrics_dir.expanduser().resolve()
 
     @property
     def routing_rules_path(self) -> Path:

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: no backslash, no control chars
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 
-#: What a caller of the REST API may do; ``admin`` implies the other two (see service/api/auth.py).
-Scope = Literal["read", "submit", "admin"]
+#: What a caller of the REST API may do; ``admin`` implies the others, ``worker`` implies ``read``
+#: (see service/api/auth.py).
+Scope = Literal["read", "submit", "admin", "worker"]
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 #: Asymmetric JWS algorithms only: a JWKS holds public keys, and HS*/none would let a token choose its own key.
@@ -106,7 +107,7 @@ class ApiKey(BaseModel):
     @classmethod
     def _some_scope(cls, value: frozenset[str]) -> frozenset[str]:
         if not value:
-            raise ValueError('API key "scopes" should name at least one of read, submit, admin.')
+            raise ValueError('API key "scopes" should name at least one of read, submit, admin, worker.')
         return value
 
     @classmethod

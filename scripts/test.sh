@@ -14,10 +14,17 @@ command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
 command -v strace >/dev/null || need_apt+=(strace)  # the SCP's durability order (tests/reliability)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)  # headless browser for the OHIF check
 command -v npm >/dev/null || need_apt+=(npm)  # fetches the prebuilt OHIF app
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-core)  # the OHIF proxy config (tests/test_deploy.py)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   apt-get update -qq
+  # no package's own service may start (nginx and Orthanc would take ports 80 and 4242): tests start their own
+  policy_rc=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy_rc=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if [ -n "$policy_rc" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # PostgreSQL and Redis: use the running ones, start them if they are down.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from infergate import metrics
 from infergate.config import get_settings
 from infergate.jobs import JobQueue, make_celery
 from infergate.logs import setup_logging
@@ -12,6 +13,7 @@ from service.watcher import Watcher
 def main() -> int:
     settings = get_settings()
     setup_logging(settings, "watcher")
+    metrics.enable(settings)
     stop = stop_event_on_signals()
     Watcher(settings, session_factory(settings), JobQueue(make_celery(settings))).run(stop)
     return 0

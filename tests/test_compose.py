@@ -176,9 +176,10 @@ def _check_infergate_command(tokens: list[str], paths: set[tuple[str, ...]]) -> 
 
 
 def test_expected_services_are_declared(compose: dict[str, Any]) -> None:
-    assert {"postgres", "redis", "orthanc", "migrate", "scp", "api", "worker", "worker-gpu"} <= set(
-        _services(compose)
-    )
+    assert {
+        *("postgres", "redis", "orthanc", "migrate", "scp", "api", "worker", "worker-gpu"),
+        *("ohif", "prometheus", "grafana"),  # viewer and monitoring: tests/test_deploy.py
+    } <= set(_services(compose))
     assert _services(compose)["worker-gpu"].get("profiles") == ["gpu"]
 
 

@@ -15,12 +15,16 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
 
 from infergate.config import Settings
 from infergate.store.migrate import upgrade
 from infergate.store.session import make_engine, make_session_factory
 from service.api.app import create_app
 from tests.helpers.queues import RecordingQueue
+
+# A worker's SEG/SR handed back (PUT /api/v1/jobs/{id}/results/{kind}/{uid}) is application/dicom: raw bytes.
+schemathesis.serializer.alias("application/dicom", "application/octet-stream")
 
 #: Every request carries an admin key, so each operation is reached; schemathesis also checks that
 #: the same request without it is refused (its ``ignored_auth`` check).
@@ -50,6 +54,8 @@ def test_api_conforms_to_its_openapi_document(api_schema: Any) -> None:
         @given(case=operation.as_strategy())
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case: Any) -> None:
-            case.call_and_validate(headers=AUTH)
+            # GET /ready answers its documented 503 here (no worker runs); its body is still checked
+            excluded = [not_a_server_error] if case.operation.path == "/ready" else []
+            case.call_and_validate(headers=AUTH, excluded_checks=excluded)
 
         check()

@@ -6,11 +6,15 @@ import sys
 
 from infergate.config import get_settings
 from infergate.jobs import DISPATCH_QUEUE, GPU_QUEUE
+from infergate.metrics import start_worker_exporter
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     from workers.celery_app import app
+
+    # A worker on another machine serves its own metrics (the API sees only its local folder's).
+    start_worker_exporter(settings)
 
     args = [
         "worker",

@@ -17,12 +17,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
+from infergate import metrics
 from infergate.config import Destination, Settings
 from infergate.dicom.scu import StoreResult, send_files
-from infergate.dicom.storage import resolve_inside
+from infergate.logs import bind_study, log_context
 from infergate.store import queries
 from infergate.store.tables import Export, ExportState, Job, JobState, ResultObject, utcnow
-from workers.pipeline import WorkerContext
+from workers.pipeline import WorkerContext, study_uid_of
+from workers.remote import result_files
 from workers.stages import merged
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ def _settle(session: Session, job_id: int, seconds: float) -> float | None:
     job = session.get(Job, job_id)
     if job is not None and seconds > 0:
         job.timings = merged(job.timings, {"export": seconds})
+        metrics.stage_timings(job.model_id, {"export": seconds})
     exports = session.scalars(select(Export).join(ResultObject).where(ResultObject.job_id == job_id)).all()
     pending = [e for e in exports if e.state == ExportState.pending]
     if pending:
@@ -99,7 +102,8 @@ def _send_due(ctx: WorkerContext, job_id: int, destination: str) -> bool:
         ).all()
         if not rows:
             return False
-        paths = [resolve_inside(settings.data_path, path) for _, path in rows]
+        # a remote worker (INFERGATE_NODE_URL) takes the node's copy of each file, over WADO-RS
+        paths = result_files(settings, ctx.node, session, job_id, [path for _, path in rows])
         results = send_files(
             Destination.parse(destination), paths, calling_ae=settings.ae_title, max_pdu=settings.max_pdu
         )
@@ -108,6 +112,8 @@ def _send_due(ctx: WorkerContext, job_id: int, destination: str) -> bool:
             export = session.get(Export, export_id)
             assert export is not None
             _apply(settings, export, result, now)
+            if not result.ok:
+                metrics.export_failure(destination, metrics.export_status(result.status, result.cause))
         sent = sum(result.ok for result in results)
         log.info(
             "job %d: export to %s: %d of %d delivered%s",
@@ -124,12 +130,18 @@ def export_job(ctx: WorkerContext, job_id: int) -> float | None:
     """Send the job's due exports; returns the delay before the next try, or None when settled.
 
     None is also returned when every due export is being sent by another runner right now: that
-    runner settles the job and schedules the next try.
+    runner settles the job and schedules the next try. Log lines name the job and (hashed) its study.
     """
+    with log_context(job_id=job_id):
+        return _export_job(ctx, job_id)
+
+
+def _export_job(ctx: WorkerContext, job_id: int) -> float | None:
     with ctx.factory() as session:
         job = session.get(Job, job_id)
         if job is None or job.state != JobState.exporting:
             return None
+        bind_study(study_uid_of(session, job.series_id))
         destinations = session.scalars(
             select(Export.destination).join(ResultObject).where(_due(job_id, utcnow())).distinct()
         ).all()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import cached_property
 from io import BytesIO
 from pathlib import Path
 
@@ -23,16 +24,18 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate import metrics
 from infergate.catalog import Catalog, fingerprint, load_catalog
 from infergate.completion import route_followups
 from infergate.config import Settings
+from infergate.dicom import uids
 from infergate.dicom.seg import build_seg
 from infergate.dicom.sr import ClassificationFinding, SegmentMeasurement, TotalVolume, build_sr
 from infergate.dicom.storage import replace_file, resolve_inside, result_relpath
-from infergate.dicom.uids import derived_uid
 from infergate.dicom.volume import load_volume
 from infergate.errors import InvalidInput, ModelFailed, NotFound
 from infergate.ingest import InstanceHeader, index_result_object
+from infergate.logs import bind_study, log_context
 from infergate.manifest import ModelPackage
 from infergate.store import queries
 from infergate.store.tables import (
@@ -46,12 +49,15 @@ from infergate.store.tables import (
     Measurement,
     ResultObject,
     Series,
+    Study,
     utcnow,
 )
 from workers.header_features import classify_from_headers
 from workers.inference import InferenceOutput, infer
+from workers.node_client import NodeClient
 from workers.postprocess import segment_volumes_ml
 from workers.preview import Preview, try_render_preview
+from workers.remote import series_files
 from workers.runtime import InferenceRunner
 from workers.stages import StageTimer, merged, timed
 
@@ -67,6 +73,11 @@ class WorkerContext:
     runner: InferenceRunner
     _catalog: Catalog | None = field(default=None, repr=False)
     _fingerprint: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+
+    @cached_property
+    def node(self) -> NodeClient | None:
+        """The node's API for a worker without its data folder (``INFERGATE_NODE_URL``); None when co-located."""
+        return NodeClient.from_settings(self.settings)
 
     def catalog(self) -> Catalog:
         """Models and rules, re-read when the models folder changed (``infergate models add``)."""
@@ -122,8 +133,7 @@ def read_instances(settings: Settings, series_id: int, paths: Sequence[str]) -> 
 
 def result_uids(series_uid: str, package: ModelPackage, kind: str) -> tuple[str, str]:
     """(series, instance) UIDs of a result: the same job always yields the same UIDs (PS3.5 B.2)."""
-    base = ("infergate", series_uid, package.manifest.id, package.manifest.version, kind)
-    return derived_uid(*base, "series"), derived_uid(*base, "instance")
+    return uids.result_uids(series_uid, package.manifest.id, package.manifest.version, kind)
 
 
 def make_results(
@@ -209,9 +219,15 @@ def compute(ctx: WorkerContext, job_id: int) -> JobResult:
             series = session.get(Series, job.series_id)
             assert series is not None
             package = ctx.package(job.model_id)
-            series_id, series_uid = series.id, series.series_instance_uid
-            paths = session.scalars(select(Instance.path).where(Instance.series_id == series_id)).all()
-        datasets = read_instances(ctx.settings, series_id, paths)  # the connection is back in the pool
+            series_id, series_uid, attempt = series.id, series.series_instance_uid, job.attempts
+            listed = session.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(Instance.series_id == series_id)
+            ).all()
+            study_uid = study_uid_of(session, series_id) or ""
+        # the connection is back in the pool; a worker without the node's disk fetches over WADO-RS
+        instances = [(sop, path) for sop, path in listed]
+        with series_files(ctx.settings, ctx.node, job_id, study_uid, series_uid, instances) as paths:
+            datasets = read_instances(ctx.settings, series_id, paths)
     if package.manifest.input == "header_features":
         # Header-only models need no pixels: no volume, so no geometry checks either.
         datasets.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
@@ -229,7 +245,11 @@ def compute(ctx: WorkerContext, job_id: int) -> JobResult:
             result = replace(result, preview=try_render_preview(job_id, volume, output.label_map, labels, findings))
     with timer.stage("write"):
         for item in result.files:
-            replace_file(ctx.settings.data_path, item.relpath, _encode(item.dataset))
+            data = _encode(item.dataset)
+            replace_file(ctx.settings.data_path, item.relpath, data)
+            if ctx.node is not None:  # the node's data folder must hold it before record() points at it
+                uid, version = str(item.dataset.SOPInstanceUID), package.manifest.version
+                ctx.node.store_result(job_id, item.kind, uid, data, model_version=version, attempt=attempt)
     return replace(result, timings=timer.as_dict())
 
 
@@ -319,6 +339,8 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
                 export.state, export.next_attempt_at = ExportState.pending, None
     timings = merged(result.timings, {"record": time.perf_counter() - began})  # the commit is not counted
     session.execute(update(Job).where(Job.id == job_id).values(timings=timings))
+    model_id = session.scalar(select(Job.model_id).where(Job.id == job_id))
+    metrics.stage_timings(model_id or "unknown", timings)
     return JobOutcome.exporting if destinations else JobOutcome.done
 
 
@@ -367,14 +389,26 @@ class LeaseKeeper:
         self._thread.join(timeout=30)
 
 
+def study_uid_of(session: Session, series_id: int) -> str | None:
+    """The Study Instance UID of a series (for the log context: it is hashed before any line names it)."""
+    return session.scalar(
+        select(Study.study_instance_uid).join(Series, Series.study_id == Study.id).where(Series.id == series_id)
+    )
+
+
 def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
-    """Run one job if it can be claimed.
+    """Run one job if it can be claimed; its log lines name the job and (hashed) its study.
 
     Returns
     -------
     (JobOutcome, float | None)
         The outcome and, for ``retry``, the delay in seconds before the next attempt.
     """
+    with log_context(job_id=job_id):
+        return _run_job(ctx, job_id)
+
+
+def _run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
     settings = ctx.settings
     with ctx.factory() as session, session.begin():
         if not queries.claim_job(session, job_id, timedelta(seconds=settings.job_lease_seconds)):
@@ -384,6 +418,7 @@ def run_job(ctx: WorkerContext, job_id: int) -> tuple[JobOutcome, float | None]:
         job = session.get(Job, job_id)
         assert job is not None and job.started_at is not None
         attempt, model_id = job.attempts, job.model_id
+        bind_study(study_uid_of(session, job.series_id))
         queue_wait = max(0.0, (job.started_at - job.queued_at).total_seconds())
         if attempt > settings.job_max_attempts:
             # Every attempt ended without an outcome: its worker died (a model that crashes the

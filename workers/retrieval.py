@@ -34,6 +34,12 @@ def run_retrieval(ctx: WorkerContext, retrieval_id: int) -> tuple[list[int], flo
         )
     try:
         source = retrieval.find_source(settings, source_name)
+        if source.method == "get" and ctx.node is not None:
+            # C-GET stores what it pulls in this worker's data folder, which the node cannot read
+            raise InfergateError(
+                f"source {source.name} is pulled with C-GET, which needs a worker sharing the node's data folder; "
+                "this worker has INFERGATE_NODE_URL set (use C-MOVE to the node, or a co-located worker)"
+            )
     except InfergateError as exc:
         with ctx.factory() as session, session.begin():
             retrieval.finish(session, retrieval_id, RetrievalState.failed, error=str(exc))

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import onnxruntime as ort
 
+from infergate import metrics
 from infergate.errors import ModelFailed, NotFound
 from infergate.manifest import ModelManifest, ModelPackage, RegionOfInterest
 
@@ -199,10 +200,17 @@ class OnnxRunner:
             ONNX Runtime cannot load the file.
         """
         manifest = package.manifest
-        return self._load(manifest.id, manifest.sha256, package.onnx_path, f"model {manifest.id!r}", manifest.version)
+        return self._load(
+            manifest.id, manifest.sha256, package.onnx_path, f"model {manifest.id!r}", manifest.version, report=True
+        )
 
-    def _load(self, key: str, sha256: str, path: Path, what: str, version: str) -> ort.InferenceSession:
-        """The session cached under ``key``, (re)created when missing or when its SHA-256 changed."""
+    def _load(
+        self, key: str, sha256: str, path: Path, what: str, version: str, *, report: bool = False
+    ) -> ort.InferenceSession:
+        """The session cached under ``key``, (re)created when missing or when its SHA-256 changed.
+
+        ``report``: set ``infergate_inference_provider`` for model ``key`` to the provider it got.
+        """
         with self._lock:
             entry = self._sessions.get(key)
             if entry is not None and entry[0] == sha256:
@@ -220,6 +228,9 @@ class OnnxRunner:
                 # e.g. onnxruntime-gpu without a usable driver: ONNX Runtime warns and carries on with the rest
                 log.warning("%s runs without %s, which ONNX Runtime could not start", what, ",".join(dropped))
             self._sessions[key] = (sha256, session)
+            if report:
+                previous = entry[1].get_providers()[0] if entry is not None else None
+                metrics.inference_provider(key, in_use[0], previous)
             return session
 
     def run(self, package: ModelPackage, batch: np.ndarray) -> np.ndarray:

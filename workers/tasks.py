@@ -15,6 +15,7 @@ from infergate.jobs import EXPORT_RESULTS, RETRIEVE_STUDY, RUN_MODEL, ExportResu
 from infergate.store.session import make_engine, make_session_factory
 from workers.celery_app import app, settings
 from workers.export import export_job
+from workers.node_client import NodeUnavailable
 from workers.pipeline import JobOutcome, WorkerContext, followup_jobs, run_job
 from workers.retrieval import run_retrieval
 from workers.runtime import OnnxRunner
@@ -60,7 +61,11 @@ def run_model(self: PipelineTask, **kwargs: Any) -> str:
 @app.task(name=EXPORT_RESULTS, bind=True, base=PipelineTask)
 def export_results(self: PipelineTask, **kwargs: Any) -> str:
     payload = ExportResults.model_validate(kwargs)
-    delay = export_job(self.ctx, payload.job_id)
+    try:
+        delay: float | None = export_job(self.ctx, payload.job_id)
+    except NodeUnavailable as exc:  # a remote worker could not fetch the results from the node: later
+        delay = min(60.0, self.ctx.settings.export_backoff_max_seconds)
+        log.warning("job %d: export postponed %.0f s: %s", payload.job_id, delay, exc)
     if delay is not None:
         self.job_queue.send_export(payload.job_id, countdown=max(delay, 0.1))
         return f"retry in {delay:.1f} s"

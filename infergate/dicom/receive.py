@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate.dicom.storage import OutOfSpace
 from infergate.errors import InvalidInput
 from infergate.ingest import IngestOutcome, InstanceHeader, ingest_instance
+from infergate.logs import bind_study
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def handle_store(
     except Exception as exc:  # noqa: BLE001 - any decoding error of hostile input is 0xC210
         log.warning("C-STORE dataset could not be decoded (%s)", type(exc).__name__)
         return _status(CANNOT_UNDERSTAND, "The dataset could not be decoded.")
+    # The association's thread names this study (hashed) in its log lines from here on (infergate.logs).
+    bind_study(header.study_instance_uid)
 
     assoc = event.assoc
     stream = request.DataSet

@@ -39,6 +39,10 @@ class StoreResult:
     #: Refused without a DIMSE status in a way that trying again will not change (an A-ASSOCIATE-RJ
     #: "rejected-permanent", or no accepted presentation context for the object).
     refused: bool = False
+    #: Why no status came back: "network" (peer unreachable, association aborted, no response),
+    #: "rejected" (A-ASSOCIATE-RJ, or no presentation context accepted) or "file" (the result file
+    #: cannot be read); None when a status came back.
+    cause: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -55,8 +59,9 @@ class StoreResult:
 
 def _not_established(
     destination: Destination, assoc: Association, rejections: list[A_ASSOCIATE_RJ]
-) -> tuple[str, bool]:
-    """Why an association was not established, and whether that is permanent.
+) -> tuple[str, bool, str]:
+    """Why an association was not established, whether that is permanent, and the cause
+    (``rejected`` or ``network``, see :attr:`StoreResult.cause`).
 
     The A-ASSOCIATE-RJ is taken from the PDUs received rather than from ``assoc.is_rejected``: when a peer
     rejects and closes the connection at once, pynetdicom may see the closed socket before it reads the
@@ -66,13 +71,14 @@ def _not_established(
         rj = rejections[0]
         kind = "permanent" if rj.result == 0x01 else "transient"
         detail = f"result {rj.result}, source {rj.source}, reason {rj.reason_diagnostic}: {rj.reason_str}"
-        return f"{destination}: association rejected-{kind} ({detail})", rj.result == 0x01
+        return f"{destination}: association rejected-{kind} ({detail})", rj.result == 0x01, "rejected"
     if assoc.is_rejected:
-        return f"{destination}: association rejected", False
+        return f"{destination}: association rejected", False, "rejected"
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         # pynetdicom aborts an association in which the peer accepted no presentation context
-        return f"{destination}: the peer accepts none of the proposed SOP classes and transfer syntaxes", True
-    return f"{destination}: association aborted or peer unreachable", False
+        reason = f"{destination}: the peer accepts none of the proposed SOP classes and transfer syntaxes"
+        return reason, True, "rejected"
+    return f"{destination}: association aborted or peer unreachable", False, "network"
 
 
 def send_files(
@@ -94,7 +100,9 @@ def send_files(
         try:
             datasets.append((index, path, dcmread(path)))
         except (OSError, InvalidDicomError) as exc:
-            outcome[index] = StoreResult(path, None, f"cannot read the result file ({type(exc).__name__})", True)
+            outcome[index] = StoreResult(
+                path, None, f"cannot read the result file ({type(exc).__name__})", True, cause="file"
+            )
     if datasets:
         for index, result in zip(
             [index for index, _, _ in datasets],
@@ -133,8 +141,8 @@ def _send(
         evt_handlers=[NODELAY_HANDLER, (evt.EVT_PDU_RECV, on_pdu)],
     )
     if not assoc.is_established:
-        reason, refused = _not_established(destination, assoc, rejections)
-        return [StoreResult(path, None, reason, refused) for path, _ in items]
+        reason, refused, cause = _not_established(destination, assoc, rejections)
+        return [StoreResult(path, None, reason, refused, cause) for path, _ in items]
     results: list[StoreResult] = []
     try:
         for path, ds in items:
@@ -142,10 +150,10 @@ def _send(
                 response = assoc.send_c_store(ds)
             except ValueError as exc:
                 # no accepted presentation context for this object, or it cannot be encoded: permanent
-                results.append(StoreResult(path, None, f"{destination}: {exc}", refused=True))
+                results.append(StoreResult(path, None, f"{destination}: {exc}", refused=True, cause="rejected"))
                 continue
             except RuntimeError as exc:  # the association went away: transient
-                results.append(StoreResult(path, None, f"{destination}: {exc}"))
+                results.append(StoreResult(path, None, f"{destination}: {exc}", cause="network"))
                 continue
             status = int(response.Status) if "Status" in response else None
             error = (
@@ -155,7 +163,7 @@ def _send(
                 if status is not None
                 else (f"{destination}: no response")
             )
-            results.append(StoreResult(path, status, error))
+            results.append(StoreResult(path, status, error, cause=None if status is not None else "network"))
     finally:
         if assoc.is_established:
             assoc.release()

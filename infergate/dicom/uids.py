@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-__all__ = ["UID_MAX_LENGTH", "UID_PATTERN", "derived_uid", "is_valid_uid", "require_uid"]
+__all__ = ["UID_MAX_LENGTH", "UID_PATTERN", "derived_uid", "is_valid_uid", "require_uid", "result_uids"]
 
 UID_MAX_LENGTH = 64
 """Maximum length of a UID in characters (PS3.5 9.1, VR UI)."""
@@ -119,3 +119,22 @@ def derived_uid(*parts: str) -> str:
     value = (value & ~(0xF << 76)) | (0x8 << 76)  # version 8 in bits 48..51 of the UUID
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant (binary 10)
     return f"{_UUID_ROOT}{value}"
+
+
+def result_uids(series_uid: str, model_id: str, model_version: str, kind: str) -> tuple[str, str]:
+    """(Series, SOP Instance) UIDs of a job's SEG or SR: the same job always yields the same UIDs (PS3.5 B.2).
+
+    Kept here rather than in the worker so that the node can check an uploaded result against the
+    job it claims to belong to (:mod:`infergate.result_upload`) with the very same derivation.
+
+    Parameters
+    ----------
+    series_uid: str
+        Series Instance UID of the source series.
+    model_id, model_version: str
+        The model (manifest ``id`` and ``version``) that made the result.
+    kind: str
+        ``"SEG"`` or ``"SR"``.
+    """
+    base = ("infergate", series_uid, model_id, model_version, kind)
+    return derived_uid(*base, "series"), derived_uid(*base, "instance")

@@ -15,7 +15,7 @@ from infergate.jobs import JobQueue, JobSender, make_celery
 from infergate.manifest import load_all
 from infergate.store.session import make_engine, make_session_factory
 from service.api.access_audit import AccessAudit
-from service.api.auth import API_KEY_HEADER, PROTECTED, Authenticator
+from service.api.auth import API_KEY_HEADER, PROTECTED, WORKERS_ONLY, Authenticator
 from service.api.errors import install_error_handlers
 from service.api.limits import RequestLimits
 from service.api.routes import (
@@ -27,9 +27,12 @@ from service.api.routes import (
     jobs,
     models,
     previews,
+    prometheus,
     results,
     retrievals,
+    worker_results,
 )
+from service.dashboard.routes import router as dashboard_router
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -86,7 +89,10 @@ def create_app(
         dicomweb_qido,
         dicomweb_stow,
         dicomweb_wado,
+        prometheus,
     ):
         # /health stays open for probes; every other router needs read (GET) or submit (other methods)
         app.include_router(module.router, **({} if module is health else PROTECTED))
+    app.include_router(worker_results.router, **WORKERS_ONLY)  # remote workers hand back SEG/SR (worker scope)
+    app.include_router(dashboard_router)  # open like /health: the page holds no data, its script authenticates
     return app

@@ -13,9 +13,10 @@ Two credentials are accepted, one per request:
     claim (space-separated, RFC 9068) or ``scp`` (list or string, as Azure AD and Okta issue them).
 
 Scopes are ``read`` (query jobs, results, models; DICOMweb search and retrieve), ``submit`` (send data
-in: STOW-RS, creating jobs) and ``admin`` (operator actions such as retrying or cancelling any job), and
-``admin`` implies the other two. ``submit`` does not imply ``read``: a modality or PACS that only sends
-studies should not be able to read patient data back.
+in: STOW-RS, creating jobs), ``admin`` (operator actions such as retrying or cancelling any job) and
+``worker`` (a worker on another machine: ``read``, to fetch its input over WADO-RS, plus handing a
+running job's SEG/SR back, and nothing else); ``admin`` implies the other three. ``submit`` does not
+imply ``read``: a modality or PACS that only sends studies should not be able to read patient data back.
 
 Every router of the API except ``/health`` is included with :func:`require_method_scope`, so a route
 needs ``read`` for GET/HEAD and ``submit`` for any other method without declaring anything; a route that
@@ -48,12 +49,14 @@ from service.api.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
 
-SCOPES: tuple[Scope, ...] = ("read", "submit", "admin")
+SCOPES: tuple[Scope, ...] = ("read", "submit", "admin", "worker")
 #: Scopes each granted scope confers.
 _IMPLIES: dict[str, frozenset[Scope]] = {
     "read": frozenset({"read"}),
     "submit": frozenset({"submit"}),
     "admin": frozenset(SCOPES),
+    # a remote worker reads its input series (WADO-RS) and the job rows; it never sends studies in
+    "worker": frozenset({"worker", "read"}),
 }
 #: Methods that only read; every other method needs ``submit``.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -356,7 +359,10 @@ class Authenticator:
         raise AuthFailure("Authentication is required.", None)
 
 
-_SCOPE_RULE = "GET needs the `read` scope, other methods `submit`; `admin` implies both."
+_SCOPE_RULE = (
+    "GET needs the `read` scope, other methods `submit`; handing a job's results back needs `worker` "
+    "(which implies `read`); `admin` implies all."
+)
 _bearer_scheme = HTTPBearer(
     scheme_name="bearerAuth",
     bearerFormat="JWT",
@@ -463,3 +469,6 @@ PROTECTED: Mapping[str, Any] = {
         403: {"model": ErrorOut, "description": "The credentials lack the scope this operation needs."},
     },
 }
+#: ``include_router`` keyword arguments of a router only workers (and ``admin``) may call, whatever the
+#: method: handing results back is not ``submit`` (which would let any sender forge a job's output).
+WORKERS_ONLY: Mapping[str, Any] = {"dependencies": [require_scope("worker")], "responses": PROTECTED["responses"]}

@@ -5,7 +5,7 @@ sending would hold a worker thread, a spool file and a connection forever (slowl
 any route runs:
 
 * a body larger than its route allows is refused with 413, from ``Content-Length`` at once, or
-  while it streams when it comes chunked (STOW-RS may send up to
+  while it streams when it comes chunked (STOW-RS and a worker's results handed back may send up to
   ``INFERGATE_DICOMWEB_MAX_UPLOAD_BYTES``; every other route takes small JSON);
 * a compressed body (``Content-Encoding`` other than identity) is refused with 415: inflating it
   would let a few kilobytes become gigabytes (a "zip bomb");
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MAX_JSON_BODY_BYTES = 1024 * 1024
 #: Paths that take DICOM uploads (STOW-RS) and their larger limit.
 UPLOAD_PREFIX = "/dicomweb/studies"
+#: A remote worker's SEG/SR handed back (``PUT``, infergate.result_upload): a SEG may be large too.
+RESULT_UPLOAD = re.compile(r"\A/api/v1/jobs/[^/]+/results/[^/]+/[^/]+\Z")
 
 
 class RequestLimits:
@@ -40,6 +43,8 @@ class RequestLimits:
         """The most body bytes the route of ``scope`` accepts."""
         path: str = scope.get("path", "")
         if scope.get("method") == "POST" and path.startswith(UPLOAD_PREFIX):
+            return self.max_upload
+        if scope.get("method") == "PUT" and RESULT_UPLOAD.match(path):
             return self.max_upload
         return MAX_JSON_BODY_BYTES
 

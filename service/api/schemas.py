@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,6 +38,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 class Health(BaseModel):
     status: str
     version: str
+
+
+class ReadyCheck(BaseModel):
+    """One readiness check: ``database``, ``broker``, ``storage``, ``workers`` or ``models``."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    """``ready`` when every check passed; ``failing`` names the others."""
+
+    status: Literal["ready", "not ready"]
+    failing: list[str]
+    checks: list[ReadyCheck]
 
 
 class FindingOut(_Out):

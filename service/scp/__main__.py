@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from infergate import audit
+from infergate import audit, metrics
 from infergate.audit import Auditor
 from infergate.config import get_settings
 from infergate.dicom.receive import StoreContext
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     setup_logging(settings, "scp")
+    metrics.enable(settings)
     stop = stop_event_on_signals()
     factory = session_factory(settings)
     settings.instances_dir.mkdir(parents=True, exist_ok=True)

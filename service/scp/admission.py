@@ -35,7 +35,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from infergate import audit
+from infergate import audit, metrics
 from infergate.audit import Auditor, Outcome, Participant
 from infergate.config import Settings
 from infergate.dicom.receive import StoreContext, handle_store
@@ -315,6 +315,7 @@ def audit_accepted(event: Event, gate: Gate) -> None:
     """``EVT_ACCEPTED``: 110114 Login, success."""
     assoc = event.assoc
     record = gate.record(assoc)
+    metrics.association(record.calling_ae, accepted=True)
     gate.auditor.emit(
         audit.user_authentication(
             user=gate.peer(assoc, record),
@@ -334,12 +335,13 @@ def audit_rejected(event: Event, gate: Gate) -> None:
     codes = (primitive.result, primitive.result_source, primitive.diagnostic) if primitive is not None else (0, 0, 0)
     refusal = record.refusal or _Refusal(cast(tuple[int, int, int], codes), "rejected by pynetdicom", str(codes))
     kind = "transient" if refusal.codes[0] == 0x02 else "permanent"
+    request = cast(A_ASSOCIATE, assoc.requestor.primitive)
+    metrics.association(record.calling_ae or str(request.calling_ae_title or "").strip(), accepted=False)
     write, suppressed = gate.alert_allowed(record.host, refusal.reason)
     if not write:  # a flood: counted into the next record, neither logged nor audited one by one
         return
     more = f"; {suppressed} more since the last record" if suppressed else ""
     log.warning("association from %s (%s) rejected, %s: %s%s", record.host, record.calling_ae, kind, refusal, more)
-    request = cast(A_ASSOCIATE, assoc.requestor.primitive)
     called = str(request.called_ae_title or "").strip()
     gate.auditor.emit(
         audit.user_authentication(
@@ -362,7 +364,8 @@ def audit_aborted(event: Event, gate: Gate) -> None:
 
 
 def store_and_count(event: Event, ctx: StoreContext, gate: Gate) -> int | Dataset:
-    """``EVT_C_STORE``: :func:`~infergate.dicom.receive.handle_store`, counting what it stored for the audit."""
+    """``EVT_C_STORE``: :func:`~infergate.dicom.receive.handle_store`, counting what it stored for the audit
+    and ``infergate_instances_received_total``."""
     stored: list[str] = []
     try:
         # The study comes from the header handle_store decoded: event.dataset would decode it all again.
@@ -370,3 +373,5 @@ def store_and_count(event: Event, ctx: StoreContext, gate: Gate) -> int | Datase
     finally:
         sop_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
         gate.count_store(event.assoc, stored[0] if stored else None, sop_class)
+        if stored:
+            metrics.instance_received(event.assoc.requestor.ae_title, sop_class)

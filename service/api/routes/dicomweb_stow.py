@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from infergate import metrics
 from infergate.config import Settings
 from infergate.dicomweb.instances import check_uids
 from infergate.dicomweb.multipart import MediaType, TooManyParts, parse_media_type
@@ -180,6 +181,8 @@ async def _store_instances(
         raise HTTPException(413, str(exc)) from exc
 
     stored = [o for o in outcomes if o.stored]
+    for outcome in stored:
+        metrics.instance_received(metrics.STOW_RS, outcome.sop_class_uid)
     request.state.audit_studies = stored_by_study(stored)
     studies = {o.study_instance_uid for o in stored} | ({study} if study else set())
     retrieve_url = public_url(request, "retrieve_study", study=studies.pop()) if len(studies) == 1 else ""

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from infergate import redrive
+from infergate.logs import bind_job
 from service.api.deps import QueueDep, SessionDep, SettingsDep
 from service.api.routes.jobs import get_job
 from service.api.schemas import ERROR_RESPONSES, JobDetail, RowId
@@ -36,6 +37,7 @@ def redrive_exports(
     Its exports start again with a fresh attempt count and the job goes back to ``exporting``; use it
     once the cause of a permanent refusal (e.g. 0xA900, an unknown AE title) is fixed.
     """
+    bind_job(job_id)
     with session.begin():
         redrive.redrive(session, settings, job_id, destination=destination)
     try:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from infergate import retrieval, submission
 from infergate.errors import NotFound
 from infergate.jobs import JobSender
+from infergate.logs import bind_job, bind_study
 from infergate.store import queries
 from infergate.store.tables import Job, JobPreview, JobState, Retrieval
 from service.api.deps import CatalogDep, QueueDep, SessionDep, SettingsDep
@@ -117,9 +118,11 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobDetail)
 def get_job(job_id: RowId, request: Request, session: SessionDep) -> JobDetail:
     """One job with its state, error, findings, measurements and result objects."""
+    bind_job(job_id)  # this request's log lines name the job, and its study hashed (infergate.logs)
     job = queries.job_with_results(session, job_id)
     if job is None:
         raise NotFound(f"Job {job_id} does not exist.")
+    bind_study(job.series.study.study_instance_uid)
     return detail(request, job, with_previews(session, [job.id]))
 
 
@@ -171,6 +174,7 @@ def submit_jobs(
 @router.post("/{job_id}/retry", response_model=JobDetail)
 def retry_job(job_id: RowId, request: Request, session: SessionDep, queue: QueueDep) -> JobDetail:
     """Queue a done, failed or cancelled job again (409 for a job still in progress)."""
+    bind_job(job_id)
     with session.begin():
         submission.retry(session, job_id)
     _send(queue, [job_id])
@@ -180,6 +184,7 @@ def retry_job(job_id: RowId, request: Request, session: SessionDep, queue: Queue
 @router.post("/{job_id}/cancel", response_model=JobDetail)
 def cancel_job(job_id: RowId, request: Request, session: SessionDep) -> JobDetail:
     """Cancel an unfinished job (409 for a finished one); a worker running it discards its result."""
+    bind_job(job_id)
     with session.begin():
         submission.cancel(session, job_id)
     return get_job(job_id, request, session)
