@@ -220,16 +220,28 @@ class NodeReceiver(Receiver):
 
 
 @dataclass
-class StoreScpReceiver(Receiver):
-    """dcmtk ``storescp --fork`` writing to a folder; ``fsync`` adds ``sync FILE DIR`` per file (``-xcr -xs``)."""
+class _ProcessReceiver(Receiver):
+    """A receiver that is one child process, stopped with SIGTERM."""
 
-    fsync: bool = False
     _process: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+
+@dataclass
+class StoreScpReceiver(_ProcessReceiver):
+    """dcmtk ``storescp --fork`` writing to a folder; ``fsync`` adds ``sync FILE DIR`` per file (``-xcr -xs``)."""
+
+    fsync: bool = False
 
     def start(self, folder: Path) -> StoreScpReceiver:
         out = folder / "out"
@@ -250,23 +262,10 @@ class StoreScpReceiver(Receiver):
             time.sleep(0.02)
         return self
 
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(10)
-            self._process = None
-
 
 @dataclass
-class NullScpReceiver(Receiver):
+class NullScpReceiver(_ProcessReceiver):
     """``benchmarks/_null_scp.py``: pynetdicom answering Success at once; the ceiling of a pynetdicom SCP."""
-
-    _process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
     def start(self, folder: Path) -> NullScpReceiver:
         folder.mkdir(parents=True, exist_ok=True)
@@ -282,12 +281,6 @@ class NullScpReceiver(Receiver):
                 raise RuntimeError(f"the null SCP did not start: {(folder / 'null-scp.log').read_text()[-2000:]}")
             time.sleep(0.05)
         return self
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(10)
-            self._process = None
 
 
 def _listening(pid: int, port: int) -> bool:

@@ -19,7 +19,7 @@ from tests.helpers.peers import DICOMWEB_PLUGIN, ORTHANC_BINARY
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "ingest.py"
-DIMSE_RECEIVERS = {"node", "storescp", "storescp-sync", "orthanc"}
+DIMSE_RECEIVERS = {"node", "storescp", "storescp-sync", "orthanc", "pynetdicom-null"}
 STOW_RECEIVERS = {"node", "orthanc"}
 METRICS = ("inst_per_s", "mb_per_s", "lat_p50_ms", "lat_p99_ms", "cpu_ms_per_inst", "peak_rss_mb")
 

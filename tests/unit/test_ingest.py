@@ -12,9 +12,10 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.config import Settings
-from infergate.ingest import IngestOutcome, InstanceHeader, ingest_instance
+from infergate.ingest import IngestOutcome, InstanceHeader
 from infergate.store.tables import Instance, Series
 from tests.data.make_series import write_mr_series
+from tests.helpers.ingest import ingest_file
 
 
 def _header(ds: Dataset) -> InstanceHeader:
@@ -80,10 +81,7 @@ def test_acr_nema_dates_and_times_are_normalised(tmp_path: Path) -> None:
 
 
 def _ingest_file(factory: sessionmaker[Session], settings: Settings, path: Path) -> IngestOutcome:
-    ds = dcmread(path)
-    return ingest_instance(
-        factory, settings.data_path, _header(ds), path.read_bytes(), calling_ae="MODALITY", called_ae="NODE"
-    )
+    return ingest_file(factory, settings.data_path, path, calling_ae="MODALITY", called_ae="NODE")
 
 
 def test_instances_after_the_first_are_counted_once(

@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate import submission
 from infergate.config import Settings
 from infergate.dicom.storage import resolve_inside
-from infergate.ingest import InstanceHeader, ingest_instance
 from infergate.store import queries
 from infergate.store.tables import Export, ExportState, Job, JobPreview, JobState, ResultObject, Series, utcnow
 from tests.data.make_series import write_ct_series
 from tests.helpers.dicom_validation import dciodvfy_errors
+from tests.helpers.ingest import ingest_file
 from tests.helpers.storage_scp import StorageSCP
 from workers import preview
 from workers.export import backoff, export_job
@@ -35,16 +35,7 @@ from workers.runtime import OnnxRunner
 def _ingest_series(settings: Settings, factory: sessionmaker[Session], folder: Path, slices: int) -> int:
     info = write_ct_series(folder, slices=slices, size=64)
     for path in info.paths:
-        ds = dcmread(path)
-        header = InstanceHeader.from_dataset(
-            ds,
-            sop_class_uid=ds.SOPClassUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-        )
-        ingest_instance(
-            factory, settings.data_path, header, path.read_bytes(), calling_ae="TEST", called_ae="INFERGATE"
-        )
+        ingest_file(factory, settings.data_path, path)
     with factory() as session:
         series_id = session.scalar(select(Series.id))
     assert series_id is not None

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate import submission
 from infergate.config import Settings
 from infergate.dicomweb.multipart import build_multipart, multipart_content_type
-from infergate.ingest import InstanceHeader, ingest_instance
 from infergate.store import queries
 from infergate.store.migrate import upgrade
 from infergate.store.session import make_engine, make_session_factory
@@ -36,6 +35,7 @@ from infergate.store.tables import Instance, Job, JobState, ResultObject, Series
 from service.api.app import create_app
 from tests.data.make_series import write_ct_series
 from tests.helpers.dicom_compare import RUN_TIME_KEYWORDS, differences, keywords
+from tests.helpers.ingest import ingest_file
 from tests.helpers.queues import RecordingQueue
 from tests.helpers.storage_scp import StorageSCP
 from workers.export import export_job
@@ -101,16 +101,7 @@ def node(tmp_path: Path, pg_url: str, pacs: StorageSCP) -> Iterator[Node]:
 def _ingest(node: Node, folder: Path, slices: int = 8) -> int:
     info = write_ct_series(folder, slices=slices, size=64)
     for path in info.paths:
-        ds = dcmread(path)
-        header = InstanceHeader.from_dataset(
-            ds,
-            sop_class_uid=ds.SOPClassUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-        )
-        ingest_instance(
-            node.factory, node.settings.data_path, header, path.read_bytes(), calling_ae="TEST", called_ae="INFERGATE"
-        )
+        ingest_file(node.factory, node.settings.data_path, path)
     with node.factory() as session, session.begin():
         series_id = session.scalar(select(Series.id))
         assert series_id is not None
