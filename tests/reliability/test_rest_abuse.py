@@ -139,11 +139,16 @@ def _rss_kib(pid: int) -> int:
 
 
 def _written_files(api: Api) -> list[Path]:
-    """Files under the data folder other than the database and the audit trail (instances, results, spools)."""
+    """Files under the data folder other than the process's own bookkeeping (database, audit trail, metrics
+    files, log salt): instances, results, spools."""
+    metrics = api.data_dir / "metrics"
     return [
         p
         for p in api.data_dir.rglob("*")
-        if p.is_file() and not p.name.startswith("infergate.db") and p.name != "audit.log"
+        if p.is_file()
+        and not p.name.startswith("infergate.db")
+        and p.name not in ("audit.log", "log-salt")
+        and metrics not in p.parents
     ]
 
 
