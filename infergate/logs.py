@@ -7,10 +7,10 @@ date; pynetdicom's identifier logging is switched off in :mod:`infergate.dicom.n
 ``process`` (the role: ``scp``, ``api``, ``worker``, ``watcher``, ``up``), ``pid``, ``logger``,
 ``message``, ``job_id`` and ``study`` (null when unknown), and ``exc`` with a traceback. ``job_id``
 and ``study`` come from a :mod:`contextvars` context, set by the worker while it runs or exports a
-job (:func:`log_context`), by the SCP once it knows an instance's study (:func:`bind_study`, kept
-for the rest of the association's thread) and by the API in job routes. ``study`` is a short salted
-hash of the Study Instance UID (:func:`study_hash`), so the lines of one study can be followed across
-processes without the UID itself, which identifies the examination, ever reaching a log line.
+job (:func:`log_context`), by the SCP while it stores an instance whose header it has read, and by
+the API in job routes. ``study`` is a short salted hash of the Study Instance UID
+(:func:`study_hash`), so the lines of one study can be followed across processes without the UID
+itself, which identifies the examination, ever reaching a log line.
 The salt is ``INFERGATE_LOG_SALT`` or, by default, a random one kept in ``<data dir>/log-salt``
 (created once, mode 0600), so that processes sharing a data folder hash a study alike.
 """

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate.dicom.storage import OutOfSpace
 from infergate.errors import InvalidInput
 from infergate.ingest import IngestOutcome, InstanceHeader, ingest_instance
-from infergate.logs import bind_study
+from infergate.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,19 @@ def handle_store(
     except Exception as exc:  # noqa: BLE001 - any decoding error of hostile input is 0xC210
         log.warning("C-STORE dataset could not be decoded (%s)", type(exc).__name__)
         return _status(CANNOT_UNDERSTAND, "The dataset could not be decoded.")
-    # The association's thread names this study (hashed) in its log lines from here on (infergate.logs).
-    bind_study(header.study_instance_uid)
+    # The lines logged while this instance is stored name its study (hashed; infergate.logs). A
+    # context of its own, not a binding of the thread: the handler may run on a thread that outlives
+    # the association (C-GET in a worker, tests), whose later lines must not carry this study.
+    with log_context(study_uid=header.study_instance_uid):
+        return _store(event, ctx, header, on_stored)
 
+
+def _store(
+    event: Event, ctx: StoreContext, header: InstanceHeader, on_stored: Callable[[InstanceHeader], None] | None
+) -> int | Dataset:
+    """The durable store of a decoded, checked instance, and its status (see :func:`handle_store`)."""
+    request = event.request
+    assert isinstance(request, C_STORE)
     assoc = event.assoc
     stream = request.DataSet
     assert isinstance(stream, BytesIO)
