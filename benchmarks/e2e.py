@@ -63,6 +63,7 @@ from benchmarks._e2e_node import (  # noqa: E402
     wait_for_case,
 )
 from infergate.dicom.uids import derived_uid  # noqa: E402
+from infergate.progress import Progress, bars, no_progress, wanted  # noqa: E402
 from tests.helpers.peers import Orthanc  # noqa: E402
 
 #: Worker stages in pipeline order (workers.stages.STAGES without queue_wait, which is reported per case).
@@ -183,9 +184,18 @@ def breakdown(jobs: Sequence[dict[str, Any]], last_response: float, seen: float,
     }
 
 
-def run_case(case: Case, node: Node, pacs: Orthanc, work: Path, repeat: int, log_config: Path) -> list[dict[str, Any]]:
+def run_case(
+    case: Case,
+    node: Node,
+    pacs: Orthanc,
+    work: Path,
+    repeat: int,
+    log_config: Path,
+    progress: Progress = no_progress,
+) -> list[dict[str, Any]]:
     runs = []
-    for index in range(repeat + 1):  # run 0 warms the worker up (ONNX sessions) and is not counted
+    # run 0 warms the worker up (ONNX sessions) and is not counted
+    for index in progress(range(repeat + 1), total=repeat + 1, desc=case.name):
         folder = work / f"{case.name}-{index}"
         study = case.write(folder, f"{work.name}-{case.name}-{index}")
         sent = send([folder], node.scp_port, log_config)[0]
@@ -463,6 +473,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=("embedded", "production"), default="embedded")
     parser.add_argument("--pg-dsn", help="PostgreSQL admin DSN for --layout production (a database is created).")
     parser.add_argument("--workdir", type=Path, help="Where studies and the node's data go (default: a temp folder).")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Progress bar over the repetitions on stderr (default: only when stderr is a terminal).",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.cases, args.ct = 1, "ct,throughput", "16x64"
@@ -519,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in latency:
                         case = cases[name]
                         sys.stderr.write(f"{case.label}: {args.repeat} run(s) after a warm-up\n")
-                        runs = run_case(case, node, pacs, work, args.repeat, log_config)
+                        runs = run_case(case, node, pacs, work, args.repeat, log_config, bars(wanted(args.progress)))
                         results[name] = {
                             "label": case.label,
                             "models": list(case.models),

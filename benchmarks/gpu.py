@@ -57,6 +57,7 @@ for folder in (ROOT, ROOT / "benchmarks"):  # run as a script: the repository's 
 import inference  # noqa: E402  (benchmarks/inference.py: the networks and their inputs)
 
 from infergate.manifest import load_package  # noqa: E402
+from infergate.progress import bars, wanted  # noqa: E402
 from workers.runtime import CPU_PROVIDER, session_options  # noqa: E402
 
 TENSORRT, CUDA = "TensorrtExecutionProvider", "CUDAExecutionProvider"
@@ -241,7 +242,7 @@ def measure(
                 for _ in range(args.warmup - 1):
                     session.run([network.output_name], run_input)
                 times = []
-                for _ in range(args.repeat):
+                for _ in bars(wanted(args.progress))(range(args.repeat), desc=f"batch {size}"):
                     start = time.perf_counter()
                     session.run([network.output_name], run_input)
                     times.append(time.perf_counter() - start)
@@ -308,6 +309,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-fp16", action="store_true", help="float32 only")
     parser.add_argument("--quick", action="store_true", help="batch 1, 1 warm-up, 1 repetition, no profiling")
     parser.add_argument("--results", type=Path, default=inference.DEFAULT_RESULTS, help="folder of gpu.jsonl")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Progress bar over the repetitions on stderr (default: only when stderr is a terminal).",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.repeat, args.warmup = args.batch_sizes or [1], 1, 1

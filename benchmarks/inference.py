@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's packages
     sys.path.insert(0, str(ROOT))
 
 from infergate.manifest import ModelPackage, load_package  # noqa: E402
+from infergate.progress import Progress, bars, no_progress, wanted  # noqa: E402
 from workers.preprocess import model_grid_shape  # noqa: E402
 from workers.runtime import session_options, zipmap_to_array  # noqa: E402
 
@@ -427,7 +428,13 @@ def repetitions(first_seconds: float, repeat: int, max_seconds: float) -> int:
     return max(min(repeat, 3), min(repeat, int(max_seconds / first_seconds)))
 
 
-def _blocks(batch: np.ndarray, entries: list[tuple[Row, Runner]], repeat: int, max_seconds: float) -> None:
+def _blocks(
+    batch: np.ndarray,
+    entries: list[tuple[Row, Runner]],
+    repeat: int,
+    max_seconds: float,
+    progress: Progress = no_progress,
+) -> None:
     """Time ``entries`` in blocks, in order A B C ... then ... C B A (half the repetitions each way).
 
     Blocks rather than alternating single calls: torch's OpenMP threads and ONNX Runtime's thread pools
@@ -440,11 +447,16 @@ def _blocks(batch: np.ndarray, entries: list[tuple[Row, Runner]], repeat: int, m
     first = sum(max(timed(run, batch)[0], 1e-9) for _, run in entries)
     count = repetitions(first, repeat, max_seconds * len(entries))
     settle = first / len(entries) < 0.5  # for seconds-long calls the settling call costs more than it helps
+    # one bar over every timed call of the row(s); advanced between calls, never inside a timing
+    ticks = iter(progress(range(count * len(entries)), total=count * len(entries), desc="timed calls"))
     for order, n in ((entries, (count + 1) // 2), (entries[::-1], count // 2)):
         for row, run in order:
             if settle and n:
                 run(batch)
-            row.times += [timed(run, batch)[0] for _ in range(n)]
+            for _ in range(n):
+                row.times.append(timed(run, batch)[0])
+                next(ticks, None)
+    next(ticks, None)  # the bar closes once its iterable is exhausted
 
 
 def measure(network: Network, args: argparse.Namespace, workdir: Path) -> list[Row]:
@@ -460,6 +472,7 @@ def measure(network: Network, args: argparse.Namespace, workdir: Path) -> list[R
     rows: list[Row] = []
     variants = [v for v in VARIANTS if v.name in args.variants and v is not WORKER]
     big = batch.size > BLOCK_VOXELS
+    progress = bars(wanted(args.progress))
     for threads in args.threads:
         if network.has_torch_source:
             set_torch_threads(threads)
@@ -474,7 +487,7 @@ def measure(network: Network, args: argparse.Namespace, workdir: Path) -> list[R
         for row, run in entries[1:]:
             actual = warm_up(run, batch, args.warmup, args.warmup_seconds)
             row.max_abs_diff = float(np.max(np.abs(actual - expected)))
-        _blocks(batch, entries, args.repeat, args.max_seconds)
+        _blocks(batch, entries, args.repeat, args.max_seconds, progress)
         block_rows = [row for row, _ in entries]
         del entries
         for variant in variants if big else []:
@@ -483,7 +496,7 @@ def measure(network: Network, args: argparse.Namespace, workdir: Path) -> list[R
             row = Row(threads, "onnxruntime", variant.name, load_s=load_s)
             actual = warm_up(run, batch, args.warmup, args.warmup_seconds)
             row.max_abs_diff = float(np.max(np.abs(actual - expected)))
-            _blocks(batch, [(row, run)], args.repeat, args.max_seconds)
+            _blocks(batch, [(row, run)], args.repeat, args.max_seconds, progress)
             block_rows.append(row)
             del session, run
         for row in block_rows[1:]:
@@ -667,6 +680,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also profile ONNX Runtime and torch per network")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of inference.jsonl")
     parser.add_argument("--note", default="", help="free text kept in the record (e.g. what was changed)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Progress bar over the repetitions on stderr (default: only when stderr is a terminal).",
+    )
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     if args.quick:

@@ -63,6 +63,7 @@ from benchmarks._peers import (  # noqa: E402 - after the repository root is imp
     tool_versions,
     tree_rss_kib,
 )
+from infergate.progress import bars, wanted  # noqa: E402
 from tests.data.make_series import write_ct_series  # noqa: E402
 
 #: Targets of issue 6 (DIMSE, one association, 512^2 series): same-run ratios of instances/s.
@@ -167,7 +168,7 @@ def run_phase(kind: str, series: list[Series], args: argparse.Namespace, work: P
     """Every (series, ways, receiver) once per repetition, receivers started fresh for each repetition."""
     runs: list[dict[str, Any]] = []
     log_config = storescu_log_config(work)
-    for rep in range(args.repeat):
+    for rep in bars(wanted(args.progress))(range(args.repeat), desc=f"{kind} repetitions"):
         receivers = build_receivers(kind, args)
         try:
             for receiver in receivers:
@@ -390,6 +391,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=50, help="Instances per STOW-RS request (default 50).")
     parser.add_argument("--settle", type=float, default=0.5, help="Seconds measured after the last response.")
     parser.add_argument("--workdir", type=Path, help="Where series and receivers' data go (default: a temp folder).")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Progress bar over the repetitions on stderr (default: only when stderr is a terminal).",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.batch, args.settle = 1, 4, 0.1

@@ -64,6 +64,7 @@ from infergate.dicom.sr import SegmentMeasurement, TotalVolume, build_sr  # noqa
 from infergate.dicom.storage import replace_file, result_relpath  # noqa: E402
 from infergate.dicom.uids import derived_uid  # noqa: E402
 from infergate.manifest import Code, ModelManifest  # noqa: E402
+from infergate.progress import bars, wanted  # noqa: E402
 
 TARGET_SECONDS = 0.5
 TARGET_SEGMENTS = 5
@@ -373,6 +374,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--validate", action="store_true", help="run dciodvfy on each case's objects")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="where objects are written (default: a temp dir)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Progress bar over the repetitions on stderr (default: only when stderr is a terminal).",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.slices, args.size, args.repeat, args.warmup = 12, 64, 1, 0
@@ -396,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             for case in cases:
                 _run_once(case, inputs[case.segments], work)
         load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-        for _ in range(args.repeat):
+        for _ in bars(wanted(args.progress))(range(args.repeat), desc="repetitions"):
             for case in cases:
                 seconds, written = _run_once(case, inputs[case.segments], work)
                 case.times.append(seconds)

@@ -16,12 +16,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
 from types import FrameType
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from infergate.config import Settings, get_settings
 from infergate.errors import InfergateError
 from infergate.logs import setup_logging
 from infergate.manifest import load_all
+from infergate.progress import bars, wanted
 
 log = logging.getLogger("infergate")
 
@@ -121,6 +127,90 @@ def cmd_models_list(settings: Settings) -> int:
     return 0
 
 
+def _factory(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
+    from infergate.store.session import make_engine, make_session_factory
+
+    engine = make_engine(settings)
+    return engine, make_session_factory(engine)
+
+
+def cmd_cleanup(settings: Settings, *, dry_run: bool, progress: bool | None) -> int:
+    """One retention pass now (what the watcher runs every INFERGATE_CLEANUP_INTERVAL_SECONDS).
+
+    The report (database ids and counts, no UIDs) goes to stdout as JSON; the bar to stderr.
+    """
+    from infergate.audit import Auditor
+    from infergate.retention import cutoffs, run_cleanup
+
+    setup_logging(settings, "cleanup")
+    inputs_before, results_before = cutoffs(settings)
+    if inputs_before is None and results_before is None:
+        sys.stderr.write(
+            "infergate: retention is off (INFERGATE_RETAIN_INPUTS_DAYS and INFERGATE_RETAIN_RESULTS_DAYS are 0): "
+            "nothing is removed\n"
+        )
+    engine, factory = _factory(settings)
+    auditor = None if dry_run else Auditor.from_settings(settings, process="cleanup")
+    try:
+        report = run_cleanup(
+            factory,
+            settings.data_path,
+            inputs_before=inputs_before,
+            results_before=results_before,
+            dry_run=dry_run,
+            progress=bars(wanted(progress)),
+            auditor=auditor,
+        )
+    finally:
+        if auditor is not None:
+            auditor.close()
+        engine.dispose()
+    sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _since(value: str) -> datetime:
+    """``--since``: an ISO 8601 date or date-time; UTC unless it names a zone."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date-time: {value!r}") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def cmd_export_failed(
+    settings: Settings, *, since: datetime | None, destination: str | None, progress: bool | None
+) -> int:
+    """Re-drive every job whose export failed (``POST /api/v1/jobs/{id}/export`` for each); JSON on stdout."""
+    from infergate.jobs import JobQueue, make_celery
+    from infergate.redrive import redrive_failed
+
+    setup_logging(settings, "export")
+    engine, factory = _factory(settings)
+    try:
+        report = redrive_failed(
+            factory,
+            settings,
+            JobQueue(make_celery(settings)),
+            since=since,
+            destination=destination,
+            progress=bars(wanted(progress)),
+        )
+    finally:
+        engine.dispose()
+    sys.stdout.write(json.dumps(asdict(report), indent=2) + "\n")
+    return 0
+
+
+def _progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Draw a progress bar on stderr (default: only when stderr is a terminal).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infergate", description="DICOM AI inference node.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub.add_parser("validate", help="Check packages: manifest, codes, SHA-256, ONNX shapes, one inference.")
     models_sub.add_parser("add", help="Validate a package, then install it into the models folder.")
     sub.add_parser("openapi", help="Write the OpenAPI document to openapi/openapi.json.")
+    cleanup = sub.add_parser(
+        "cleanup", help="Remove inputs and results older than INFERGATE_RETAIN_*_DAYS whose work is done."
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="Print what would be removed; remove nothing.")
+    _progress_option(cleanup)
+    export = sub.add_parser("export", help="Send results to the PACS again.")
+    export.add_argument("--failed", action="store_true", required=True, help="Re-drive every job whose export failed.")
+    export.add_argument("--since", type=_since, help="Only jobs that finished at or after this ISO 8601 time (UTC).")
+    export.add_argument("--destination", help="Only this configured destination (AE@host:port).")
+    _progress_option(export)
     return parser
 
 
@@ -161,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exec(["-m", "workers.model_admin", args.models_command], extra)
         if args.command == "models":
             return cmd_models_list(settings)
+        if args.command == "cleanup":
+            return cmd_cleanup(settings, dry_run=args.dry_run, progress=args.progress)
+        if args.command == "export":
+            return cmd_export_failed(settings, since=args.since, destination=args.destination, progress=args.progress)
     except (InfergateError, ValueError) as exc:
         sys.stderr.write(f"infergate: {exc}\n")
         return 2

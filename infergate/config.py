@@ -7,6 +7,7 @@ down; nothing else reads ``os.environ``. All variables carry the ``INFERGATE_`` 
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -132,6 +133,20 @@ class Settings(BaseSettings):
     export_backoff_seconds: float = Field(2.0, description="First retry delay; doubles per attempt.")
     export_backoff_max_seconds: float = Field(300.0, description="Cap on the export retry delay.")
 
+    retain_inputs_days: float = Field(
+        0.0,
+        ge=0,
+        description="Days received series are kept after their last instance; 0 or empty keeps them forever. "
+        "Only series whose jobs are settled and whose results were delivered are removed (docs/reliability.md).",
+    )
+    retain_results_days: float = Field(
+        0.0,
+        ge=0,
+        description="Days a job's SEG/SR files and preview are kept after the job finished; 0 or empty keeps them "
+        "forever. The job row, findings, measurements and export record stay.",
+    )
+    cleanup_interval_seconds: float = Field(3600.0, description="How often the watcher runs the retention cleanup.")
+
     job_max_attempts: int = Field(3, description="Attempts of a job before it is marked failed.")
     job_lease_seconds: float = Field(
         900.0,
@@ -205,6 +220,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("retain_inputs_days", "retain_results_days", mode="before")
+    @classmethod
+    def _keep_forever(cls, value: object) -> object:
+        """An empty variable means what it says in the README: keep forever (0)."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return 0.0
+        return value
 
     @field_validator("scp_allowed_networks")
     @classmethod
@@ -317,6 +340,7 @@ class Settings(BaseSettings):
             "export_backoff_seconds",
             "api_body_timeout_seconds",
             "api_keepalive_seconds",
+            "cleanup_interval_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f'Setting "{name}" should be positive.')
@@ -386,6 +410,16 @@ class Settings(BaseSettings):
         if self.auth_required is not None:
             return self.auth_required
         return self.auth_configured or not is_loopback(self.api_host)
+
+    @property
+    def retain_inputs(self) -> timedelta | None:
+        """How long received series are kept; None: forever."""
+        return timedelta(days=self.retain_inputs_days) if self.retain_inputs_days > 0 else None
+
+    @property
+    def retain_results(self) -> timedelta | None:
+        """How long result files are kept after their job finished; None: forever."""
+        return timedelta(days=self.retain_results_days) if self.retain_results_days > 0 else None
 
     @property
     def instances_dir(self) -> Path:

@@ -17,6 +17,11 @@ class NotFound(InfergateError, LookupError):
     """A referenced row, file or model does not exist."""
 
 
+class Gone(NotFound):
+    """What is asked for was held and has been removed on purpose (retention); a NotFound to callers
+    that do not tell the two apart."""
+
+
 class Conflict(InfergateError):
     """The request conflicts with what is already stored."""
 

@@ -13,7 +13,7 @@ from infergate.catalog import Catalog
 from infergate.completion import facts_of
 from infergate.errors import Conflict, InvalidInput, NotFound
 from infergate.store import queries
-from infergate.store.tables import Job, JobState, Series, SeriesState, Study, utcnow
+from infergate.store.tables import Instance, Job, JobState, Series, SeriesState, Study, utcnow
 
 #: States a job can be retried from, and states it can be cancelled from.
 RETRYABLE = (JobState.failed, JobState.done, JobState.cancelled)
@@ -40,7 +40,7 @@ def submit(
     NotFound
         The study/series is not held, or the model is not installed.
     Conflict
-        Every requested (series, model) pair already has a job.
+        Every requested (series, model) pair already has a job, or retention removed the instances.
     """
     if model_id is not None and model_id not in catalog.packages:
         raise NotFound(f"Model {model_id!r} is not installed.")
@@ -48,8 +48,12 @@ def submit(
     stmt = stmt.where(Series.state != SeriesState.produced)
     if series_instance_uid is not None:
         stmt = stmt.where(Series.series_instance_uid == series_instance_uid)
-    series_list = session.scalars(stmt).all()
+    # Locked, so that retention (which locks a series before removing its instances) either sees
+    # the new jobs or has finished, and then the series is skipped here: nothing to run on.
+    series_list = [s for s in session.scalars(stmt.with_for_update(of=Series)).all() if not _emptied(session, s)]
     if not series_list:
+        if session.scalar(stmt.where(Series.purged_at.is_not(None)).limit(1)) is not None:
+            raise Conflict("The instances of this study or series were removed by retention; send it again first.")
         raise NotFound("The node holds no such study or series.")
     job_ids: list[int] = []
     wanted = 0
@@ -75,6 +79,13 @@ def submit(
     return job_ids
 
 
+def _emptied(session: Session, series: Series) -> bool:
+    """Whether retention removed the series' instances (and none arrived since)."""
+    if series.purged_at is None:
+        return False
+    return session.scalar(select(Instance.id).where(Instance.series_id == series.id).limit(1)) is None
+
+
 def _job(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
@@ -88,6 +99,9 @@ def retry(session: Session, job_id: int) -> None:
     if job.state not in RETRYABLE:
         allowed = ", ".join(state.value for state in RETRYABLE)
         raise Conflict(f"Job {job_id} is {job.state.value}; only {allowed} jobs can be retried.")
+    # Read after the job's lock: retention locks the job too, so it has either finished or not begun.
+    if _emptied(session, job.series):
+        raise Conflict(f"Job {job_id} cannot run again: retention removed its input series; send the series again.")
     now = utcnow()
     session.execute(
         update(Job)

@@ -1,7 +1,10 @@
-"""The watcher: turns quiet series into jobs and re-sends lost work.
+"""The watcher: turns quiet series into jobs, re-sends lost work and applies the retention policy.
 
 It runs as a thread of ``infergate scp`` (or alone as ``infergate watcher``). Everything it does is
-a guarded SQL update, so several watchers may run at once without routing a series twice.
+a guarded SQL update, so several watchers may run at once without routing a series twice or
+removing one twice. Retention (:mod:`infergate.retention`) runs on a thread of its own, every
+``INFERGATE_CLEANUP_INTERVAL_SECONDS`` while a ``INFERGATE_RETAIN_*_DAYS`` is set: a pass may
+remove months of studies the first time, and must never hold up series completion meanwhile.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from infergate.audit import Auditor
 from infergate.catalog import Catalog, fingerprint, load_catalog
 from infergate.completion import RoutedSeries, complete_quiet_series
 from infergate.config import Settings
 from infergate.errors import InfergateError
 from infergate.jobs import JobSender
 from infergate.reconcile import reconcile
+from infergate.retention import CleanupReport, cutoffs, run_cleanup
 from infergate.store.queries import oldest_receiving_at
 from infergate.store.tables import utcnow
 
@@ -53,9 +58,16 @@ class _RememberingSender:
 class Watcher:
     """Series completion and reconciliation on a timer."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], queue: JobSender) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        queue: JobSender,
+        auditor: Auditor | None = None,
+    ) -> None:
         self.settings = settings
         self.factory = factory
+        self.auditor = auditor
         self.queue = _RememberingSender(queue)
         self._fingerprint = fingerprint(settings)
         self.catalog: Catalog = load_catalog(settings)
@@ -101,6 +113,28 @@ class Watcher:
             self.queue.unsent = set(report.unsent)
         return routed
 
+    def cleanup(self) -> CleanupReport | None:
+        """One retention pass (None when retention is off): every delete is guarded, so watchers may race."""
+        inputs_before, results_before = cutoffs(self.settings)
+        if inputs_before is None and results_before is None:
+            return None
+        return run_cleanup(
+            self.factory,
+            self.settings.data_path,
+            inputs_before=inputs_before,
+            results_before=results_before,
+            auditor=self.auditor,
+        )
+
+    def run_cleanup_loop(self, stop: threading.Event) -> None:
+        """A retention pass now and every ``cleanup_interval_seconds`` until ``stop``; a failure is retried then."""
+        while not stop.is_set():
+            try:
+                self.cleanup()
+            except Exception:
+                log.exception("retention pass failed; retrying in %.0f s", self.settings.cleanup_interval_seconds)
+            stop.wait(self.settings.cleanup_interval_seconds)
+
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set; a failing pass is logged and retried on the next tick."""
         log.info(
@@ -109,6 +143,14 @@ class Watcher:
             len(self.catalog.packages),
             len(self.catalog.rules.rules),
         )
+        if self.settings.retain_inputs or self.settings.retain_results:
+            log.info(
+                "retention: inputs %s, results %s, a pass every %.0f s",
+                f"{self.settings.retain_inputs_days:g} days" if self.settings.retain_inputs else "kept",
+                f"{self.settings.retain_results_days:g} days" if self.settings.retain_results else "kept",
+                self.settings.cleanup_interval_seconds,
+            )
+            threading.Thread(target=self.run_cleanup_loop, args=(stop,), name="retention", daemon=True).start()
         while not stop.is_set():
             wait = self.settings.watcher_interval_seconds
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from infergate import metrics
+from infergate.audit import Auditor
 from infergate.config import get_settings
 from infergate.jobs import JobQueue, make_celery
 from infergate.logs import setup_logging
@@ -15,7 +16,11 @@ def main() -> int:
     setup_logging(settings, "watcher")
     metrics.enable(settings)
     stop = stop_event_on_signals()
-    Watcher(settings, session_factory(settings), JobQueue(make_celery(settings))).run(stop)
+    auditor = Auditor.from_settings(settings, process="watcher")  # retention records each study it removes
+    try:
+        Watcher(settings, session_factory(settings), JobQueue(make_celery(settings)), auditor).run(stop)
+    finally:
+        auditor.close()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Validation lives with the workers because it loads the ONNX file with ONNX Runtime and runs one
 inference through the same pre/post-processing the worker uses, on a synthetic input built from
-the manifest; the service never imports ONNX Runtime.
+the manifest; the service never imports ONNX Runtime. Validating every shipped model takes a while
+(the inference step), so a bar over the steps of all packages is drawn on stderr when stderr is a
+terminal or with ``--progress``; the report on stdout is unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydicom.sr._concepts_dict import concepts
 from infergate.config import get_settings
 from infergate.errors import InfergateError
 from infergate.manifest import Code, ModelManifest, ModelPackage, file_sha256
+from infergate.progress import Progress, bars, no_progress, wanted
 from workers.header_features import classify_from_headers
 from workers.inference import infer
 from workers.runtime import OnnxRunner
@@ -199,21 +202,48 @@ def check_inference(folder: Path, manifest: ModelManifest, report: Report) -> No
             )
 
 
-def validate(folder: Path) -> Report:
-    """Every check, in order; later checks are skipped once the manifest itself is invalid."""
-    folder = folder.resolve()
-    report = Report(folder=folder)
+#: The steps of :func:`validation_steps`, in order: one tick each of the progress bar.
+STEPS = ("manifest", "codes", "onnx", "inference")
+
+
+def validation_steps(folder: Path, report: Report) -> Iterator[str]:
+    """Run every check in order into ``report``, yielding each step's name once it is done.
+
+    A step that cannot run (the manifest itself is invalid, or an earlier check failed before the
+    inference) is skipped but still yielded, so a progress bar always counts :data:`STEPS` per package.
+    """
+    manifest = None
     if not folder.is_dir():
         report.errors.append(f"{folder}: not a folder")
-        return report
-    manifest = read_manifest(folder, report)
-    if manifest is None:
-        return report
-    check_codes(manifest, report)
-    check_onnx(folder, manifest, report)
-    if report.ok:
+    else:
+        manifest = read_manifest(folder, report)
+    yield "manifest"
+    if manifest is not None:
+        check_codes(manifest, report)
+    yield "codes"
+    if manifest is not None:
+        check_onnx(folder, manifest, report)
+    yield "onnx"
+    if manifest is not None and report.ok:
         check_inference(folder, manifest, report)
+    yield "inference"
+
+
+def validate(folder: Path) -> Report:
+    """Every check, in order; later checks are skipped once the manifest itself is invalid."""
+    report = Report(folder=folder.resolve())
+    for _ in validation_steps(report.folder, report):
+        pass
     return report
+
+
+def validate_all(folders: list[Path], progress: Progress = no_progress) -> list[Report]:
+    """:func:`validate` each folder, advancing ``progress`` once per step of each package."""
+    reports = [Report(folder=folder.resolve()) for folder in folders]
+    steps = (step for report in reports for step in validation_steps(report.folder, report))
+    for _ in progress(steps, total=len(reports) * len(STEPS), desc="validate"):
+        pass
+    return reports
 
 
 def install(folder: Path, models_dir: Path, *, replace: bool = False) -> Path:
@@ -252,17 +282,25 @@ def main(argv: list[str] | None = None) -> int:
     add_parser = sub.add_parser("add", help="Validate a package, then install it into the models folder.")
     add_parser.add_argument("path", type=Path)
     add_parser.add_argument("--replace", action="store_true", help="Overwrite an installed package of the same id.")
+    for each in (validate_parser, add_parser):
+        each.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="Draw a progress bar on stderr (default: only when stderr is a terminal).",
+        )
     args = parser.parse_args(argv)
+    progress = bars(wanted(args.progress))
     if args.command == "validate":
         # `models validate models/*` also names models/routing.yaml, NOTICE, README.md: skip plain files
         skipped = [path for path in args.paths if path.is_file()]
         for path in skipped:
             sys.stdout.write(f"{path}: skipped (a file, not a model package folder)\n")
-        reports = [validate(path) for path in args.paths if path not in skipped]
+        reports = validate_all([path for path in args.paths if path not in skipped], progress)
         for report in reports:
             _print(report)
         return 0 if all(r.ok for r in reports) else 1
-    report = validate(args.path)
+    (report,) = validate_all([args.path], progress)
     _print(report)
     if not report.ok:
         return 1

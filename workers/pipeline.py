@@ -326,6 +326,7 @@ def record(session: Session, ctx: WorkerContext, job_id: int, attempt: int, resu
             )
             session.add(existing)
             session.flush()
+        existing.purged_at = None  # a rerun after retention removed the object: it is held again
         _index_result(session, ctx, item)
         for destination in destinations:
             export = session.scalar(

@@ -15,7 +15,8 @@ built at its entry point with :meth:`Auditor.from_settings` and passed down like
 
 An event is built with one of the small factories of :mod:`infergate.audit.messages` (:func:`user_authentication`,
 :func:`instances_transferred`, :func:`export`, :func:`query`, :func:`security_alert`,
-:func:`application_activity`) or directly with :class:`AuditEvent`; either validates its arguments
+:func:`application_activity`, :func:`study_deleted`, :func:`instances_deleted`) or directly with
+:class:`AuditEvent`; either validates its arguments
 (highdicom style: a ``TypeError``/``ValueError`` naming the argument), so a malformed record fails where it
 is built, not in the log reader.
 
@@ -70,9 +71,11 @@ from infergate.audit.messages import (
     ParticipantObject,
     application_activity,
     export,
+    instances_deleted,
     instances_transferred,
     query,
     security_alert,
+    study_deleted,
     study_object,
     user_authentication,
 )
@@ -98,10 +101,12 @@ __all__ = [
     "SyslogSink",
     "application_activity",
     "export",
+    "instances_deleted",
     "instances_transferred",
     "open_sink",
     "query",
     "security_alert",
+    "study_deleted",
     "study_object",
     "user_authentication",
 ]

@@ -35,6 +35,7 @@ class Codes:
     APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
     DICOM_INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
     DICOM_INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+    DICOM_STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
     EXPORT = Code("110106", "DCM", "Export")
     IMPORT = Code("110107", "DCM", "Import")
     QUERY = Code("110112", "DCM", "Query")
@@ -349,6 +350,47 @@ def export(
         action=Action.READ,
         outcome=outcome,
         participants=(_with_role(node, Codes.SOURCE_ROLE), _with_role(destination, Codes.DESTINATION_ROLE)),
+        objects=tuple(study_object(uid, classes) for uid, classes in studies.items()),
+        outcome_description=description,
+    )
+
+
+def study_deleted(
+    *,
+    node: Participant,
+    studies: Mapping[str, Mapping[str, int]],
+    outcome: Outcome,
+    description: str | None = None,
+) -> AuditEvent:
+    """110105 DICOM Study Deleted (PS3.15 A.5.3.5): every instance of each study was removed from the node.
+
+    ``node`` is the process that deleted (the requestor); ``studies`` maps Study Instance UIDs to
+    {SOP Class UID: instances removed}.
+    """
+    return AuditEvent(
+        event_id=Codes.DICOM_STUDY_DELETED,
+        action=Action.DELETE,
+        outcome=outcome,
+        participants=(node,),
+        objects=tuple(study_object(uid, classes) for uid, classes in studies.items()),
+        outcome_description=description,
+    )
+
+
+def instances_deleted(
+    *,
+    node: Participant,
+    studies: Mapping[str, Mapping[str, int]],
+    outcome: Outcome,
+    description: str | None = None,
+) -> AuditEvent:
+    """110103 DICOM Instances Accessed with action Delete (PS3.15 A.5.3.2): some instances of each study
+    were removed and others are still held (else :func:`study_deleted`)."""
+    return AuditEvent(
+        event_id=Codes.DICOM_INSTANCES_ACCESSED,
+        action=Action.DELETE,
+        outcome=outcome,
+        participants=(node,),
         objects=tuple(study_object(uid, classes) for uid, classes in studies.items()),
         outcome_description=description,
     )

@@ -38,21 +38,35 @@ def check_uid(value: object, name: str) -> str:
     return value
 
 
+#: The folders of the data folder that hold received instances and produced results; retention
+#: removes files below these and nowhere else (never the database, the broker or the salt).
+INSTANCES_FOLDER = "instances"
+RESULTS_FOLDER = "results"
+
+
+def series_relfolder(study_uid: str, series_uid: str) -> Path:
+    """Relative folder of a received series: ``instances/<study>/<series>``."""
+    return Path(
+        INSTANCES_FOLDER, check_uid(study_uid, "study_instance_uid"), check_uid(series_uid, "series_instance_uid")
+    )
+
+
 def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
     """Relative path of a received instance: ``instances/<study>/<series>/<sop>.dcm``."""
-    parts = [
-        check_uid(study_uid, "study_instance_uid"),
-        check_uid(series_uid, "series_instance_uid"),
-        check_uid(sop_instance_uid, "sop_instance_uid"),
-    ]
-    return Path("instances", parts[0], parts[1], parts[2] + ".dcm")
+    folder = series_relfolder(study_uid, series_uid)
+    return folder / (check_uid(sop_instance_uid, "sop_instance_uid") + ".dcm")
+
+
+def result_relfolder(job_id: int) -> Path:
+    """Relative folder of a job's result objects: ``results/<job>``."""
+    return Path(RESULTS_FOLDER, str(int(job_id)))
 
 
 def result_relpath(job_id: int, kind: str, sop_instance_uid: str) -> Path:
     """Relative path of a result object: ``results/<job>/<kind>-<sop>.dcm``."""
     if kind not in {"SEG", "SR"}:
         raise ValueError(f'Argument "kind" should be SEG or SR, not {kind!r}.')
-    return Path("results", str(int(job_id)), f"{kind}-{check_uid(sop_instance_uid, 'sop_instance_uid')}.dcm")
+    return result_relfolder(job_id) / f"{kind}-{check_uid(sop_instance_uid, 'sop_instance_uid')}.dcm"
 
 
 @functools.lru_cache(maxsize=32)
@@ -71,6 +85,29 @@ def resolve_inside(root: Path, relpath: Path | str) -> Path:
     if root != path and root not in path.parents:
         raise InvalidInput("Path leaves the data folder.")
     return path
+
+
+def removable_path(root: Path, relpath: Path | str) -> Path:
+    """``root / relpath`` if it lies strictly below the instances or results folder, for deletion.
+
+    Stricter than :func:`resolve_inside`: a stored path that names the database, the broker folder,
+    the log salt, or the instances folder itself is inside the data folder yet must never be removed.
+
+    Raises
+    ------
+    InvalidInput
+        The path leaves the data folder, or is not below ``instances/`` or ``results/``.
+    """
+    path = resolve_inside(root, relpath)
+    base = resolve_inside(root, ".")
+    if not any(base / name in path.parents for name in (INSTANCES_FOLDER, RESULTS_FOLDER)):
+        raise InvalidInput("Path is not below the instances or results folder of the data folder.")
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (a new name, an unlinked file) durable."""
+    _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

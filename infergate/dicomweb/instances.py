@@ -8,17 +8,18 @@ with :func:`~infergate.dicom.storage.resolve_inside`, which refuses any path tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from infergate.dicom.storage import resolve_inside
 from infergate.dicom.uids import is_valid_uid
-from infergate.errors import InvalidInput, NotFound
-from infergate.store.tables import Instance, Series, Study
+from infergate.errors import Gone, InvalidInput, NotFound
+from infergate.store.tables import Instance, Job, ResultObject, Series, Study
 
-__all__ = ["StoredInstance", "check_uids", "find_instances"]
+__all__ = ["StoredInstance", "check_uids", "find_instances", "removed_by_retention"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def find_instances(
         stmt = stmt.where(Instance.sop_instance_uid == sop_instance_uid)
     rows = session.execute(stmt).all()
     if not rows:
+        removed = removed_by_retention(session, study_instance_uid, series_instance_uid, sop_instance_uid)
+        if removed is not None:
+            raise Gone(
+                f"The node removed {removed[0]} on {removed[1]:%Y-%m-%d} under its retention policy "
+                "(INFERGATE_RETAIN_INPUTS_DAYS / INFERGATE_RETAIN_RESULTS_DAYS); it is no longer held."
+            )
         if sop_instance_uid is not None:
             raise NotFound("The node holds no instance with this SOP Instance UID in this series and study.")
         if series_instance_uid is not None:
@@ -97,3 +104,41 @@ def find_instances(
         )
         for row in rows
     ]
+
+
+def removed_by_retention(
+    session: Session,
+    study_instance_uid: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> tuple[str, datetime] | None:
+    """What retention removed under these UIDs (a phrase naming the level, and when), or None.
+
+    The node's own SEG/SR are recognised by their result object rows, kept after the files go; a
+    received series by its Series row, kept (marked ``purged_at``) while jobs refer to it; a study
+    when every series it still has a row for was removed. A received instance's own row is gone, so
+    an instance of a removed series answers for its series.
+    """
+    result = select(func.max(ResultObject.purged_at)).join(Job, Job.id == ResultObject.job_id)
+    result = result.join(Series, Series.id == Job.series_id).join(Study, Study.id == Series.study_id)
+    result = result.where(Study.study_instance_uid == study_instance_uid, ResultObject.purged_at.is_not(None))
+    if sop_instance_uid is not None:
+        result = result.where(ResultObject.sop_instance_uid == sop_instance_uid)
+    if series_instance_uid is not None:
+        result = result.where(ResultObject.series_instance_uid == series_instance_uid)
+    when = session.scalar(result)
+    if when is not None and (sop_instance_uid is not None or series_instance_uid is not None):
+        return ("this result object" if sop_instance_uid is not None else "this result series", when)
+    received = (
+        select(func.max(Series.purged_at), func.count(Series.id), func.count(Series.purged_at))
+        .join(Study, Study.id == Series.study_id)
+        .where(Study.study_instance_uid == study_instance_uid)
+    )
+    if series_instance_uid is not None:
+        received = received.where(Series.series_instance_uid == series_instance_uid)
+    last, rows, purged = session.execute(received).one()
+    if rows and rows == purged and last is not None:
+        if series_instance_uid is not None:
+            return ("this series", last)
+        return ("this study", max(last, when) if when is not None else last)
+    return None

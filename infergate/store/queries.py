@@ -347,17 +347,27 @@ def _conditions(session: Session, criteria: Sequence[Criterion]) -> list[ColumnE
     return [_condition(dialect, criterion) for criterion in criteria]
 
 
+def _study_held() -> ColumnElement[bool]:
+    """The study still has an instance: a study whose every series retention emptied is not returned.
+
+    Its rows stay while jobs refer to them (the record of what was analysed), but QIDO-RS answers
+    what can be retrieved (PS3.18 10.6), and WADO-RS answers 410 Gone for it.
+    """
+    held = aliased(Series)
+    return exists().where(held.study_id == Study.id, held.num_instances > 0)
+
+
 def search_studies(session: Session, criteria: Sequence[Criterion], *, limit: int, offset: int) -> list[Study]:
     """Studies matching every criterion, oldest row first (a stable order for paging, PS3.18 8.3.4.4.1)."""
-    stmt = select(Study).where(*_conditions(session, criteria)).order_by(Study.id).limit(limit).offset(offset)
-    return list(session.scalars(stmt))
+    stmt = select(Study).where(_study_held(), *_conditions(session, criteria))
+    return list(session.scalars(stmt.order_by(Study.id).limit(limit).offset(offset)))
 
 
 def study_counts(session: Session, study_ids: Sequence[int]) -> dict[int, StudyCounts]:
     """Modalities and numbers of series and instances of each study, in one grouped query."""
     rows = session.execute(
         select(Series.study_id, Series.modality, func.count(Series.id), func.sum(Series.num_instances))
-        .where(Series.study_id.in_(study_ids))
+        .where(Series.study_id.in_(study_ids), Series.num_instances > 0)
         .group_by(Series.study_id, Series.modality)
     ).all()
     modalities: dict[int, set[str]] = {study_id: set() for study_id in study_ids}
@@ -380,7 +390,7 @@ def search_series(session: Session, criteria: Sequence[Criterion], *, limit: int
         select(Series)
         .join(Study, Series.study_id == Study.id)
         .options(contains_eager(Series.study))
-        .where(*_conditions(session, criteria))
+        .where(Series.num_instances > 0, *_conditions(session, criteria))  # emptied by retention: not held
         .order_by(Series.id)
         .limit(limit)
         .offset(offset)

@@ -154,6 +154,9 @@ class Series(Base):
     series_date: Mapped[str | None] = mapped_column(String(8))
     series_time: Mapped[str | None] = mapped_column(String(16))
     performed_procedure_step_start_date: Mapped[str | None] = mapped_column(String(8))
+    purged_at: Mapped[datetime | None] = mapped_column(
+        _TS, doc="When retention last removed its instances; the row stays as long as jobs refer to it."
+    )
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -253,6 +256,9 @@ class ResultObject(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512), doc="Relative to the data folder.")
     created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+    purged_at: Mapped[datetime | None] = mapped_column(
+        _TS, doc="When retention removed the file and its index row; this row and its exports stay as the record."
+    )
 
     job: Mapped[Job] = relationship(back_populates="result_objects")
     exports: Mapped[list[Export]] = relationship(back_populates="result_object", cascade="all, delete-orphan")
@@ -347,3 +353,18 @@ class InstanceConflict(Base):
     sha256: Mapped[str] = mapped_column(String(64), doc="Digest of the repeated copy's Part 10 file.")
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)
+
+
+class FileDeletion(Base):
+    """A file or folder of the data folder to remove, written in the transaction that deleted its rows.
+
+    Retention deletes rows first and files after the commit (see :mod:`infergate.retention`); this
+    outbox row is what makes the second step survive a crash: a pass that died between the commit
+    and the unlink leaves these rows, and the next pass removes the files they name.
+    """
+
+    __tablename__ = "file_deletions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(512), doc="Relative to the data folder, as the deleted row held it.")
+    created_at: Mapped[datetime] = mapped_column(_TS, default=utcnow)

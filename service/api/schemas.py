@@ -93,6 +93,11 @@ class ResultObjectOut(_Out):
     study_instance_uid: str
     retrieve_url: str = Field(description="WADO-RS URL of the instance (multipart/related; application/dicom).")
     metadata_url: str = Field(description="WADO-RS URL of its metadata (application/dicom+json).")
+    purged_at: datetime | None = Field(
+        None,
+        description="When retention (INFERGATE_RETAIN_RESULTS_DAYS) removed the object from the node; its URLs then "
+        "answer 410 Gone. The UIDs, the export record and the job's findings and measurements stay.",
+    )
     exports: list[ExportOut]
 
 
@@ -120,6 +125,11 @@ class JobDetail(JobSummary):
     timings: dict[str, float] | None = Field(
         description="Seconds per stage of the last attempt that produced results: queue_wait, load, preprocess, "
         "onnx, postprocess, seg_build, sr_build, preview, write, record, then export once sent; null before."
+    )
+    input_purged_at: datetime | None = Field(
+        None,
+        description="When retention (INFERGATE_RETAIN_INPUTS_DAYS) removed the input series' instances; the job "
+        "can then not be retried until the series is sent again.",
     )
 
 
@@ -174,6 +184,9 @@ class SeriesResults(BaseModel):
     state: str
     routing_note: str | None
     num_instances: int
+    purged_at: datetime | None = Field(
+        None, description="When retention removed the series' instances (num_instances is then 0)."
+    )
     jobs: list[JobDetail]
 
 

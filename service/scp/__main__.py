@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         sys.stderr.write(f"infergate scp: {exc}\n")
         return 2
-    watcher = None if args.no_watcher else Watcher(settings, factory, JobQueue(make_celery(settings)))
+    watcher = None if args.no_watcher else Watcher(settings, factory, JobQueue(make_celery(settings)), auditor)
     auditor.emit(audit.application_activity(node=auditor.node(), start=True))
     log.info(
         "DICOM SCP %s listening on %s:%d (%s)",

@@ -55,6 +55,7 @@ def test_dcm_codes_are_the_standard_ones() -> None:
         "110100": "ApplicationActivity",
         "110103": "DICOMInstancesAccessed",
         "110104": "DICOMInstancesTransferred",
+        "110105": "DICOMStudyDeleted",
         "110106": "Export",
         "110107": "Import",
         "110112": "Query",
@@ -78,6 +79,31 @@ def test_dcm_codes_are_the_standard_ones() -> None:
         reference = getattr(codes.DCM, name)
         assert (reference.value, reference.meaning) == (value, by_value[value]), name
     assert set(by_value) - set(names) == {"4"}  # the RFC 3881 audit source type
+
+
+@pytest.mark.timeout(30)
+def test_deletion_records_name_the_deleting_node_the_studies_and_action_d() -> None:
+    """PS3.15 A.5.3.5 DICOM Study Deleted and A.5.3.2 Instances Accessed (Delete), as retention writes them."""
+    sink = MemorySink()
+    auditor = _auditor(sink)
+    node = auditor.node(is_requestor=True)
+    deleted = auditor.emit(
+        audit.study_deleted(node=node, studies={STUDY: {CT: 3}}, outcome=Outcome.SUCCESS, description="retention")
+    )
+    partial = auditor.emit(
+        audit.instances_deleted(node=node, studies={STUDY: {CT: 1}}, outcome=Outcome.SUCCESS, description="retention")
+    )
+    assert deleted["EventIdentification"]["EventID"]["csd-code"] == "110105"
+    assert partial["EventIdentification"]["EventID"]["csd-code"] == "110103"
+    for record in (deleted, partial):
+        assert record["EventIdentification"]["EventActionCode"] == "D"
+        (participant,) = record["ActiveParticipant"]
+        assert participant["UserID"] == "INFERGATE" and participant["UserIsRequestor"] is True
+        (study,) = record["ParticipantObjectIdentification"]
+        assert study["ParticipantObjectID"] == STUDY
+    assert deleted["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"]["SOPClass"] == [
+        {"UID": CT, "NumberOfInstances": 3}
+    ]
 
 
 @pytest.mark.timeout(30)

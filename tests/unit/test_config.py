@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from infergate.config import DEFAULT_MODELS_DIR, Destination, Settings
 
@@ -154,4 +156,30 @@ def test_bad_cors_origin_refused(monkeypatch: pytest.MonkeyPatch, origin: str) -
 def test_bad_public_base_url_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("INFERGATE_PUBLIC_BASE_URL", url)
     with pytest.raises(ValueError, match="public_base_url"):
+        Settings()
+
+
+def test_retention_keeps_everything_by_default_and_when_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    assert (settings.retain_inputs, settings.retain_results, settings.cleanup_interval_seconds) == (None, None, 3600.0)
+    monkeypatch.setenv("INFERGATE_RETAIN_INPUTS_DAYS", "")
+    monkeypatch.setenv("INFERGATE_RETAIN_RESULTS_DAYS", "0")
+    settings = Settings()
+    assert settings.retain_inputs is None and settings.retain_results is None
+
+
+def test_retention_days_become_durations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERGATE_RETAIN_INPUTS_DAYS", "30")
+    monkeypatch.setenv("INFERGATE_RETAIN_RESULTS_DAYS", "0.5")
+    settings = Settings()
+    assert settings.retain_inputs == timedelta(days=30) and settings.retain_results == timedelta(hours=12)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("RETAIN_INPUTS_DAYS", "-1"), ("RETAIN_RESULTS_DAYS", "a week"), ("CLEANUP_INTERVAL_SECONDS", "0")],
+)
+def test_bad_retention_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(f"INFERGATE_{name}", value)
+    with pytest.raises(ValidationError, match=name.lower()):
         Settings()

@@ -11,7 +11,8 @@ from the data folder. Responses are negotiated from the Accept header (PS3.18 8.
 
 Status codes (PS3.18 10.4.3 and 8.5): 200; 400 for a malformed UID, frame list or bulkdata path;
 404 when the node holds nothing under the UIDs (or the frame does not exist); 406 when nothing the
-Accept header allows can be produced.
+Accept header allows can be produced; 410 when the node held them and retention removed them
+(:mod:`infergate.retention`), so that a viewer can tell "never here" from "no longer here".
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "A malformed UID, frame list or bulkdata path."},
     404: {"model": ErrorOut, "description": "The node holds nothing under these UIDs."},
     406: {"model": ErrorOut, "description": "Nothing the Accept header allows can be produced."},
+    410: {"model": ErrorOut, "description": "The node held these instances; its retention policy removed them."},
 }
 _MULTIPART_DICOM = {200: {"content": {'multipart/related; type="application/dicom"': {}}}, **_ERRORS}
 _MULTIPART_OCTETS = {200: {"content": {'multipart/related; type="application/octet-stream"': {}}}, **_ERRORS}

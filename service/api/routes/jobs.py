@@ -76,6 +76,7 @@ def detail(request: Request, job: Job, previews: set[int]) -> JobDetail:
                 study_instance_uid=study,
                 retrieve_url=public_url(request, "retrieve_instance", **uids),
                 metadata_url=public_url(request, "retrieve_instance_metadata", **uids),
+                purged_at=r.purged_at,
                 exports=[ExportOut.model_validate(e) for e in r.exports],
             )
         )
@@ -86,6 +87,7 @@ def detail(request: Request, job: Job, previews: set[int]) -> JobDetail:
         result_objects=objects,
         preview_url=public_url(request, "get_job_preview", job_id=str(job.id)) if job.id in previews else None,
         timings=job.timings,
+        input_purged_at=job.series.purged_at if not job.series.num_instances else None,
     )
 
 

@@ -8,12 +8,12 @@ but it is still a picture of a patient's anatomy, so it is not cached by browser
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from infergate.errors import NotFound
-from infergate.store.tables import Job, JobPreview, JobState
+from infergate.errors import Gone, NotFound
+from infergate.store.tables import Job, JobPreview, JobState, ResultObject
 from service.api.deps import SessionDep
-from service.api.schemas import ERROR_RESPONSES, RowId
+from service.api.schemas import ERROR_RESPONSES, ErrorOut, RowId
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -36,7 +36,10 @@ def missing_preview_reason(job_id: int, state: JobState | None) -> str:
 @router.get(
     "/{job_id}/preview.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The key slice with the result drawn on it"}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The key slice with the result drawn on it"},
+        410: {"model": ErrorOut, "description": "Removed by retention (INFERGATE_RETAIN_RESULTS_DAYS)"},
+    },
 )
 def get_job_preview(job_id: RowId, session: SessionDep) -> Response:
     """A PNG of the job's key slice with its segmentation overlay and legend, or its findings.
@@ -45,6 +48,9 @@ def get_job_preview(job_id: RowId, session: SessionDep) -> Response:
     """
     preview = session.get(JobPreview, job_id)
     if preview is None:
+        purged = session.scalar(select(func.max(ResultObject.purged_at)).where(ResultObject.job_id == job_id))
+        if purged is not None:
+            raise Gone(f"Job {job_id}'s preview and result objects were removed by retention on {purged:%Y-%m-%d}.")
         state = session.scalar(select(Job.state).where(Job.id == job_id))
         raise NotFound(missing_preview_reason(job_id, state))
     return Response(content=preview.png, media_type="image/png", headers={"Cache-Control": "no-store"})

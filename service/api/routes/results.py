@@ -41,6 +41,7 @@ def get_study_results(
                 state=series.state.value,
                 routing_note=series.routing_note,
                 num_instances=series.num_instances,
+                purged_at=series.purged_at if not series.num_instances else None,
                 jobs=[detail(request, job, previews) for job in sorted(series.jobs, key=lambda j: j.id)],
             )
             for series in sorted(study.series, key=lambda s: s.id)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
@@ -14,6 +17,7 @@ from infergate.store import queries
 from infergate.store.session import transaction
 from infergate.store.tables import Series, SeriesState, utcnow
 from service.watcher import Watcher
+from tests.helpers.held import receive_series
 
 
 class _NoBroker:
@@ -65,3 +69,34 @@ def test_a_series_already_due_is_looked_at_almost_at_once(
 ) -> None:
     _series(session_factory, 60.0, SeriesState.receiving)
     assert watcher.next_wait() == pytest.approx(0.02)
+
+
+def test_the_watcher_applies_retention_only_when_a_retention_is_set(
+    db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    series = receive_series(session_factory, db_settings.data_path, tmp_path, state=SeriesState.unmatched)
+    assert Watcher(db_settings, session_factory, _NoBroker()).cleanup() is None  # the default keeps everything
+    assert all(path.is_file() for path in series.paths)
+    settings = db_settings.model_copy(update={"retain_inputs_days": 30.0})
+    report = Watcher(settings, session_factory, _NoBroker()).cleanup()
+    assert report is not None and report.series == [series.id]
+    assert not any(path.exists() for path in series.paths)
+
+
+def test_the_retention_thread_runs_a_pass_at_once_and_stops_with_the_watcher(
+    db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    series = receive_series(session_factory, db_settings.data_path, tmp_path, state=SeriesState.unmatched)
+    settings = db_settings.model_copy(update={"retain_inputs_days": 30.0, "cleanup_interval_seconds": 3600.0})
+    stop = threading.Event()
+    thread = threading.Thread(target=Watcher(settings, session_factory, _NoBroker()).run_cleanup_loop, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while any(path.exists() for path in series.paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(path.exists() for path in series.paths)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()

@@ -20,8 +20,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from infergate import submission
 from infergate.config import Settings
 from infergate.dicom.storage import resolve_inside
+from infergate.retention import run_cleanup
 from infergate.store import queries
-from infergate.store.tables import Export, ExportState, Job, JobPreview, JobState, ResultObject, Series, utcnow
+from infergate.store.tables import (
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    JobPreview,
+    JobState,
+    ResultObject,
+    Series,
+    utcnow,
+)
 from tests.data.make_series import write_ct_series
 from tests.helpers.dicom_validation import dciodvfy_errors
 from tests.helpers.ingest import ingest_file
@@ -113,6 +124,33 @@ def test_rerun_replaces_results_with_the_same_uids(
         assert len(session.scalars(select(JobPreview)).all()) == 1  # replaced, not added
         stored = session.get(JobPreview, job_id)
         assert stored is not None and stored.slice_index == 5  # a classification shows the middle slice
+
+
+def test_a_rerun_after_retention_removed_the_results_holds_them_again(
+    db_settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    series_id = _ingest_series(db_settings, session_factory, tmp_path / "ct", slices=10)
+    job_id = _job(session_factory, series_id, "ct-bone-classifier")
+    ctx = _ctx(db_settings, session_factory)
+    assert run_job(ctx, job_id)[0] is JobOutcome.done
+    with session_factory() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(finished_at=utcnow() - timedelta(days=40)))
+    report = run_cleanup(
+        session_factory, db_settings.data_path, inputs_before=None, results_before=utcnow() - timedelta(days=30)
+    )
+    assert report.jobs == [job_id] and report.result_objects == 1
+    with session_factory() as session:
+        (removed,) = session.scalars(select(ResultObject)).all()
+    assert removed.purged_at is not None and not resolve_inside(db_settings.data_path, removed.path).exists()
+
+    with session_factory() as session, session.begin():
+        submission.retry(session, job_id)  # the inputs are still held
+    assert run_job(ctx, job_id)[0] is JobOutcome.done
+    with session_factory() as session:
+        (again,) = session.scalars(select(ResultObject)).all()
+        assert again.sop_instance_uid == removed.sop_instance_uid and again.purged_at is None
+        assert session.scalar(select(Instance.id).where(Instance.sop_instance_uid == again.sop_instance_uid))
+    assert resolve_inside(db_settings.data_path, again.path).is_file()
 
 
 def test_a_preview_that_cannot_be_rendered_does_not_fail_the_job(
