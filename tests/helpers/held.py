@@ -37,6 +37,7 @@ from infergate.store.tables import (
     utcnow,
 )
 from tests.data.make_series import write_mr_series
+from tests.helpers.ingest import header_of
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 PACS = "PACS@127.0.0.1:11112"
@@ -51,16 +52,6 @@ class HeldSeries:
     """Absolute paths of the stored Part 10 files."""
     source: Path
     """One of the generated files, to build results from."""
-
-
-def _header(path: Path) -> InstanceHeader:
-    ds = dcmread(path)
-    return InstanceHeader.from_dataset(
-        ds,
-        sop_class_uid=ds.SOPClassUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-    )
 
 
 def receive_series(
@@ -78,7 +69,7 @@ def receive_series(
         work / generate_uid(), slices=slices, size=16, study_uid=study_uid or generate_uid(), series_uid=generate_uid()
     )
     for path in info.paths:
-        ingest_instance(factory, root, _header(path), path.read_bytes(), calling_ae="MODALITY", called_ae="INFERGATE")
+        ingest_instance(factory, root, header_of(path), path.read_bytes(), calling_ae="MODALITY", called_ae="INFERGATE")
     with transaction(factory) as session:
         series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == info.series_uid))
         assert series_id is not None
