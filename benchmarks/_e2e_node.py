@@ -16,7 +16,6 @@ The test helpers are reused: :class:`tests.helpers.peers.Orthanc`, :func:`run_st
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 import uuid
@@ -26,16 +25,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks._peers import parse_storescu, storescu_log_config
 from tests.helpers.node import NodeProcess, http_json, node_env, wait_for_http
 from tests.helpers.peers import LOOPBACK, Orthanc, free_port, run_storescu, wait_for_port
-
-_LOG_CONFIG = """log4cplus.rootLogger = INFO, console
-log4cplus.appender.console = log4cplus::ConsoleAppender
-log4cplus.appender.console.logToStdErr = true
-log4cplus.appender.console.layout = log4cplus::PatternLayout
-log4cplus.appender.console.layout.ConversionPattern = %D{%s.%Q} %m%n
-"""
-_STAMP = re.compile(r"^(\d+)\.(\d+)\.(\d+) (.*)$")
 
 
 def epoch(text: str) -> float:
@@ -177,12 +169,6 @@ def cpu_seconds(pid: int) -> float:
     return ticks / _TICK
 
 
-def storescu_log_config(folder: Path) -> Path:
-    path = folder / "storescu-e2e-log.cfg"
-    path.write_text(_LOG_CONFIG)
-    return path
-
-
 @dataclass(frozen=True)
 class Sent:
     """One sending: epoch seconds of the first A-ASSOCIATE-RQ and of the last C-STORE response."""
@@ -190,23 +176,6 @@ class Sent:
     first: float
     last_response: float
     instances: int
-
-
-def _parse(stderr: str) -> tuple[float, float, int, int]:
-    first = last = 0.0
-    ok = failed = 0
-    for line in stderr.splitlines():
-        match = _STAMP.match(line)
-        if not match:
-            continue
-        stamp = int(match[1]) + int(match[2]) / 1e3 + int(match[3]) / 1e6
-        message = match[4]
-        if message.startswith("Requesting Association") and not first:
-            first = stamp
-        elif message.startswith("Received Store Response"):
-            last = stamp
-            ok, failed = (ok + 1, failed) if "(Success)" in message else (ok, failed + 1)
-    return first, last, ok, failed
 
 
 def send(folders: Sequence[Path], port: int, log_config: Path) -> list[Sent]:
@@ -230,7 +199,7 @@ def send(folders: Sequence[Path], port: int, log_config: Path) -> list[Sent]:
         raise errors[0]
     sent = []
     for folder, text in zip(folders, outputs, strict=True):
-        first, last, ok, failed = _parse(text)
+        first, last, _, ok, failed = parse_storescu(text)
         files = sum(1 for path in folder.rglob("*") if path.is_file())
         if failed or ok != files or not last:
             raise RuntimeError(f"storescu {folder.name}: {ok} of {files} answered Success\n{text[-2000:]}")

@@ -350,7 +350,7 @@ def storescu_log_config(folder: Path) -> Path:
     return path
 
 
-def _parse_storescu(stderr: str) -> tuple[float, float, list[float], int, int]:
+def parse_storescu(stderr: str) -> tuple[float, float, list[float], int, int]:
     """(first connect, last response, latencies, successes, failures) from a timestamped ``storescu`` log."""
     first = last = 0.0
     sent: float | None = None
@@ -398,7 +398,7 @@ def send_storescu(receiver: Receiver, files: Sequence[Path], associations: int, 
         thread.join()
     if errors:
         raise errors[0]
-    parsed = [_parse_storescu(text) for text in outputs]
+    parsed = [parse_storescu(text) for text in outputs]
     firsts = [item[0] for item in parsed if item[0]]
     lasts = [item[1] for item in parsed if item[1]]
     latencies = [value for item in parsed for value in item[2]]
@@ -483,6 +483,7 @@ __all__ = [
     "multipart_bodies",
     "send_stow",
     "send_storescu",
+    "parse_storescu",
     "storescu_log_config",
     "tool_versions",
     "tree_cpu_seconds",

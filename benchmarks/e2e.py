@@ -65,20 +65,10 @@ from benchmarks._e2e_node import (  # noqa: E402
 from infergate.dicom.uids import derived_uid  # noqa: E402
 from infergate.progress import Progress, bars, no_progress, wanted  # noqa: E402
 from tests.helpers.peers import Orthanc  # noqa: E402
+from workers.stages import STAGES  # noqa: E402
 
-#: Worker stages in pipeline order (workers.stages.STAGES without queue_wait, which is reported per case).
-WORK_STAGES = (
-    "load",
-    "preprocess",
-    "onnx",
-    "postprocess",
-    "seg_build",
-    "sr_build",
-    "preview",
-    "write",
-    "record",
-    "export",
-)
+#: Worker stages in pipeline order (queue_wait is reported per case, from the first job).
+WORK_STAGES = tuple(stage for stage in STAGES if stage != "queue_wait")
 ROWS = ("completion", "queue_wait", *WORK_STAGES, "other", "total", "overhead")
 NOTES = [
     "total: last C-STORE response (storescu's log timestamp) to the last SEG/SR export's delivered_at (the node "
